@@ -1,0 +1,76 @@
+"""`aimesh`: the single entry point.
+
+    aimesh up                 the whole local mesh: Envoy + control + model servers
+    aimesh serve CAPABILITY   one model server (text, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import replace
+
+from .capabilities import CAPABILITIES
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .runtime.runner import ModelServer
+    from .runtime.settings import ServerSettings
+
+    info = CAPABILITIES[args.capability]
+    module = info.load()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("pool", args.pool)) if v is not None}
+    settings = ServerSettings(**overrides)
+    model = module.DEFAULT_MODEL
+    if args.model:
+        model = replace(model, id=args.model)
+    if args.source:
+        model = replace(model, source=args.source, random_weights=False)
+    if args.version:
+        model = replace(model, version=args.version)
+    server = ModelServer(settings, [module.build(model, settings)])
+    asyncio.run(server.run_until_signal())
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .mesh.up import run_up
+
+    return run_up(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aimesh", description="A gRPC service mesh for AI models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one model server")
+    serve.add_argument("capability", choices=sorted(CAPABILITIES))
+    serve.add_argument("--model", help="logical model id it answers for (default: the offline default)")
+    serve.add_argument("--source", help="Hugging Face id, local path or builtin:NAME of the weights")
+    serve.add_argument("--version", help="model version it reports")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 0: a free one, printed)")
+    serve.add_argument("--pool", help="pool name reported in responses (default local)")
+    serve.set_defaults(func=_serve)
+
+    up = sub.add_parser("up", help="run the local mesh: Envoy + control + model servers")
+    up.add_argument("--registry", help="model registry file (default: the built-in one)")
+    up.add_argument("--port", type=int, default=8080, help="Envoy front door port (default 8080)")
+    up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port, localhost only")
+    up.add_argument("--only", action="append", help="start only these capabilities (repeatable)")
+    up.add_argument("--state-dir", default=".aimesh", help="where generated config and logs go")
+    up.set_defaults(func=_up)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The grpc.aio runner every model server shares.
+
+Start-up: bind, report NOT_SERVING, load the model in a worker thread, then SERVING.
+SIGTERM/SIGINT: NOT_SERVING at once (Envoy's health checks move traffic away), keep
+serving for `drain_delay_s`, then stop accepting and give calls in flight
+`drain_grace_s` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .interceptor import AimeshServerInterceptor, ConcurrencyLimit
+from .service import Capability
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class ModelServer:
+    def __init__(self, settings: ServerSettings, capabilities: Sequence[Capability]) -> None:
+        self.settings = settings
+        self.capabilities = list(capabilities)
+        self.limit = ConcurrencyLimit(settings.max_concurrency)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
+        self.port = 0
+        self._stopping = asyncio.Event()
+
+    @property
+    def service_names(self) -> list[str]:
+        return [name for cap in self.capabilities for name in cap.service_names]
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        self.server = grpc.aio.server(
+            interceptors=[AimeshServerInterceptor(self.limit)],
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for cap in self.capabilities:
+            cap.add_to_server(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self.server.add_insecure_port(address)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        announce(f"listening on {self.settings.host}:{self.port} (loading models)")
+        started = time.monotonic()
+        for cap in self.capabilities:
+            await asyncio.to_thread(cap.load)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        models = ", ".join(m.id for cap in self.capabilities for m in cap.models)
+        announce(f"serving {models} on port {self.port} (loaded in {time.monotonic() - started:.1f}s)")
+        return self.port
+
+    async def drain(self) -> None:
+        """NOT_SERVING, keep serving a moment, then stop with a grace period."""
+        announce("draining: NOT_SERVING")
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.drain_delay_s)
+        if self.server is not None:
+            await self.server.stop(self.settings.drain_grace_s)
+        announce("stopped")
+
+    async def run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        start = asyncio.create_task(self.start())
+        stop = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            start.result()  # re-raise a failed model load
+            await stop
+        await self.drain()
+        if not start.done():
+            start.cancel()
+
+
+def announce(message: str) -> None:
+    """One line on stdout per life-cycle step: `aimesh up` and the tests read them."""
+    print(f"[aimesh-server] {message}", flush=True)
+    sys.stdout.flush()

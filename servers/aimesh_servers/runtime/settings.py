@@ -1,0 +1,20 @@
+"""Typed settings of a model server, read once from the environment (AIMESH_*) and flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIMESH_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(0, description="0 picks a free port; the chosen one is printed")
+    pool: str = Field("local", description="pool name reported as the one that served a call")
+    max_concurrency: int = Field(4, ge=1, description="calls in flight before RESOURCE_EXHAUSTED")
+    drain_delay_s: float = Field(
+        2.0, ge=0, description="after SIGTERM: keep serving while NOT_SERVING propagates"
+    )
+    drain_grace_s: float = Field(10.0, ge=0, description="then: time calls in flight get to finish")
+    torch_threads: int = Field(2, ge=1)
