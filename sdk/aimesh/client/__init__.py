@@ -1,0 +1,62 @@
+"""`aimesh.Client` and `aimesh.AsyncClient`: one channel to the mesh, a typed
+sub-client per capability (client.text, ...)."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import grpc
+
+from .text import AsyncTextClient, TextClient
+from .transport import DEFAULT_TIMEOUT_S, AsyncTransport, Transport, channel_options
+
+
+class Client:
+    """Blocking client. `with aimesh.Client("localhost:8080", token=...) as client:`
+
+    target: host:port of the mesh front door (Envoy) or of one server.
+    token: the tenant's JWT, sent as `authorization: Bearer ...`.
+    timeout: default deadline in seconds for every call (each call can override it).
+    max_attempts: attempts for calls that fail UNAVAILABLE before any response (1 = no retry).
+    """
+
+    def __init__(self, target: str = "localhost:8080", *, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, max_attempts: int = 3,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = channel_options(max_attempts)
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
+        transport = Transport(self.channel, token, timeout)
+        self.text = TextClient(transport)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType]) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Async client. `async with aimesh.AsyncClient("localhost:8080") as client:`
+    Same arguments and sub-clients as Client, with awaitable calls and async iterators."""
+
+    def __init__(self, target: str = "localhost:8080", *, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, max_attempts: int = 3,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = channel_options(max_attempts)
+        self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                        else grpc.aio.insecure_channel(target, options))
+        transport = AsyncTransport(self.channel, token, timeout)
+        self.text = AsyncTextClient(transport)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,113 @@
+"""Channels, metadata, deadlines and error mapping shared by every capability client.
+
+Each call gets a deadline (the client's default or the call's own `timeout`), the
+tenant token as `authorization: Bearer ...`, and the routing header naming the
+model. Retries are a gRPC service config on the channel (UNAVAILABLE only, and only
+before any response arrived), never hand-written loops.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from ..errors import from_rpc_error
+
+MODEL_HEADER = "x-aimesh-model"
+DEFAULT_TIMEOUT_S = 120.0
+Resp = TypeVar("Resp")
+
+
+def service_config(max_attempts: int = 3) -> str:
+    """Retry policy for every aimesh service as a gRPC service config (JSON)."""
+    policy = {
+        "maxAttempts": max_attempts,
+        "initialBackoff": "0.2s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": policy}]})
+
+
+def channel_options(max_attempts: int) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
+    ]
+    if max_attempts > 1:
+        options.append(("grpc.service_config", service_config(max_attempts)))
+    return options
+
+
+class _Common:
+    def __init__(self, token: str | None, timeout: float) -> None:
+        self.token = token
+        self.timeout = timeout
+
+    def metadata(self, model: str) -> list[tuple[str, str]]:
+        metadata = []
+        if model:
+            metadata.append((MODEL_HEADER, model))
+        if self.token:
+            metadata.append(("authorization", f"Bearer {self.token}"))
+        return metadata
+
+    def deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+class Transport(_Common):
+    """Blocking calls over a `grpc.Channel`."""
+
+    def __init__(self, channel: grpc.Channel, token: str | None, timeout: float) -> None:
+        super().__init__(token, timeout)
+        self.channel = channel
+
+    def unary(self, method: Callable[..., Resp], request: Any, *, model: str = "",
+              timeout: float | None = None) -> Resp:
+        try:
+            return method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def stream(self, method: Callable[..., Any], request: Any, *, model: str = "",
+               timeout: float | None = None) -> Iterator[Any]:
+        """Server (or bidi) stream; leaving the loop early cancels the call on the server."""
+        call = method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+
+class AsyncTransport(_Common):
+    """Awaitable calls over a `grpc.aio.Channel`."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str | None, timeout: float) -> None:
+        super().__init__(token, timeout)
+        self.channel = channel
+
+    async def unary(self, method: Callable[..., Any], request: Any, *, model: str = "",
+                    timeout: float | None = None) -> Any:
+        try:
+            return await method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def stream(self, method: Callable[..., Any], request: Any, *, model: str = "",
+                     timeout: float | None = None) -> AsyncIterator[Any]:
+        call = method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()

@@ -1,0 +1,94 @@
+"""Typed exceptions for failed calls, carrying the AIP-193 details the server sent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass
+class AimeshError(Exception):
+    """A failed call. `reason` is the stable machine-readable part (ErrorInfo.reason)."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    domain: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_after_s: float | None = None
+    field_violations: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        reason = f" [{self.reason}]" if self.reason else ""
+        return f"{self.code.name}{reason}: {self.message}"
+
+
+class InvalidArgumentError(AimeshError):
+    """The request is malformed or a field is out of range (see `field_violations`)."""
+
+
+class NotFoundError(AimeshError):
+    """The model (or version) does not exist; metadata['available'] lists those that do."""
+
+
+class ResourceExhaustedError(AimeshError):
+    """A server is full or a tenant limit is reached; retry after `retry_after_s`."""
+
+
+class UnavailableError(AimeshError):
+    """No server could take the call (all down, draining, or the stream was cut)."""
+
+
+class DeadlineExceededError(AimeshError):
+    """The call's deadline passed."""
+
+
+class UnauthenticatedError(AimeshError):
+    """The tenant token is missing, expired or invalid."""
+
+
+class PermissionDeniedError(AimeshError):
+    """The token is valid but not for this mesh or service."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[AimeshError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> AimeshError:
+    """Converts a grpc error (sync or aio) into the typed exception."""
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    message = error.details() if callable(getattr(error, "details", None)) else str(error)
+    result = _BY_CODE.get(code, AimeshError)(code=code, message=message or "")
+    trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+    for key, value in trailers or ():
+        if key != _DETAILS_KEY:
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                result.reason, result.domain = info.reason, info.domain
+                result.metadata = dict(info.metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                result.retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                result.field_violations = {v.field: v.description for v in bad.field_violations}
+    return result

@@ -1,0 +1,16 @@
+"""Fixtures shared by every test depth."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
