@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%aimesh/speech/v1/speech_to_text.proto\x12\x10\x61imesh.speech.v1\x1a\x1d\x61imesh/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\"\x89\x01\n\x11RecognitionConfig\x12\x31\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1f.aimesh.speech.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x17\n\x0fword_timestamps\x18\x04 \x01(\x08\"i\n\x07Segment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"|\n\x10RecognizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x33\n\x06\x63onfig\x18\x03 \x01(\x0b\x32#.aimesh.speech.v1.RecognitionConfig\x12\r\n\x05\x61udio\x18\x04 \x01(\x0c\"\xb7\x01\n\x11RecognizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08segments\x18\x02 \x03(\x0b\x32\x19.aimesh.speech.v1.Segment\x12\x10\n\x08language\x18\x03 \x01(\t\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.aimesh.common.v1.Usage\x12-\n\tserved_by\x18\x05 \x01(\x0b\x32\x1a.aimesh.common.v1.ServedBy\"\x8b\x01\n\x19StreamingRecognizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x33\n\x06\x63onfig\x18\x03 \x01(\x0b\x32#.aimesh.speech.v1.RecognitionConfig\x12\x13\n\x0b\x61udio_chunk\x18\x04 \x01(\x0c\"\xb1\x01\n\x1aStreamingRecognizeResponse\x12*\n\x07segment\x18\x01 \x01(\x0b\x32\x19.aimesh.speech.v1.Segment\x12\x10\n\x08language\x18\x02 \x01(\t\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.aimesh.common.v1.Usage\x12-\n\tserved_by\x18\x04 \x01(\x0b\x32\x1a.aimesh.common.v1.ServedBy*f\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41UDIO_ENCODING_FILE\x10\x01\x12\x1c\n\x18\x41UDIO_ENCODING_PCM_S16LE\x10\x02\x32\xbc\x02\n\x13SpeechToTextService\x12}\n\tRecognize\x12\".aimesh.speech.v1.RecognizeRequest\x1a#.aimesh.speech.v1.RecognizeResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/models/{model}:recognize:\x01*\x12\xa5\x01\n\x12StreamingRecognize\x12+.aimesh.speech.v1.StreamingRecognizeRequest\x1a,.aimesh.speech.v1.StreamingRecognizeResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/models/{model}:streamingRecognize:\x01*(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%aimesh/speech/v1/speech_to_text.proto\x12\x10\x61imesh.speech.v1\x1a\x1d\x61imesh/common/v1/common.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\"\x89\x01\n\x11RecognitionConfig\x12\x31\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1f.aimesh.speech.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x17\n\x0fword_timestamps\x18\x04 \x01(\x08\"\x90\x01\n\x07Segment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x05words\x18\x04 \x03(\x0b\x32\x16.aimesh.speech.v1.Word\"{\n\x04Word\x12\x0c\n\x04text\x18\x01 \x01(\t\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"|\n\x10RecognizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x33\n\x06\x63onfig\x18\x03 \x01(\x0b\x32#.aimesh.speech.v1.RecognitionConfig\x12\r\n\x05\x61udio\x18\x04 \x01(\x0c\"\xb7\x01\n\x11RecognizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x08segments\x18\x02 \x03(\x0b\x32\x19.aimesh.speech.v1.Segment\x12\x10\n\x08language\x18\x03 \x01(\t\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.aimesh.common.v1.Usage\x12-\n\tserved_by\x18\x05 \x01(\x0b\x32\x1a.aimesh.common.v1.ServedBy\"\x8b\x01\n\x19StreamingRecognizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x33\n\x06\x63onfig\x18\x03 \x01(\x0b\x32#.aimesh.speech.v1.RecognitionConfig\x12\x13\n\x0b\x61udio_chunk\x18\x04 \x01(\x0c\"\xb1\x01\n\x1aStreamingRecognizeResponse\x12*\n\x07segment\x18\x01 \x01(\x0b\x32\x19.aimesh.speech.v1.Segment\x12\x10\n\x08language\x18\x02 \x01(\t\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.aimesh.common.v1.Usage\x12-\n\tserved_by\x18\x04 \x01(\x0b\x32\x1a.aimesh.common.v1.ServedBy*f\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41UDIO_ENCODING_FILE\x10\x01\x12\x1c\n\x18\x41UDIO_ENCODING_PCM_S16LE\x10\x02\x32\xbc\x02\n\x13SpeechToTextService\x12}\n\tRecognize\x12\".aimesh.speech.v1.RecognizeRequest\x1a#.aimesh.speech.v1.RecognizeResponse\"\'\x82\xd3\xe4\x93\x02!\"\x1c/v1/models/{model}:recognize:\x01*\x12\xa5\x01\n\x12StreamingRecognize\x12+.aimesh.speech.v1.StreamingRecognizeRequest\x1a,.aimesh.speech.v1.StreamingRecognizeResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/models/{model}:streamingRecognize:\x01*(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPEECHTOTEXTSERVICE'].methods_by_name['Recognize']._serialized_options = b'\202\323\344\223\002!\"\034/v1/models/{model}:recognize:\001*'
   _globals['_SPEECHTOTEXTSERVICE'].methods_by_name['StreamingRecognize']._loaded_options = None
   _globals['_SPEECHTOTEXTSERVICE'].methods_by_name['StreamingRecognize']._serialized_options = b'\202\323\344\223\002*\"%/v1/models/{model}:streamingRecognize:\001*'
-  _globals['_AUDIOENCODING']._serialized_start=1033
-  _globals['_AUDIOENCODING']._serialized_end=1135
+  _globals['_AUDIOENCODING']._serialized_start=1198
+  _globals['_AUDIOENCODING']._serialized_end=1300
   _globals['_RECOGNITIONCONFIG']._serialized_start=153
   _globals['_RECOGNITIONCONFIG']._serialized_end=290
-  _globals['_SEGMENT']._serialized_start=292
-  _globals['_SEGMENT']._serialized_end=397
-  _globals['_RECOGNIZEREQUEST']._serialized_start=399
-  _globals['_RECOGNIZEREQUEST']._serialized_end=523
-  _globals['_RECOGNIZERESPONSE']._serialized_start=526
-  _globals['_RECOGNIZERESPONSE']._serialized_end=709
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=712
-  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=851
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=854
-  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=1031
-  _globals['_SPEECHTOTEXTSERVICE']._serialized_start=1138
-  _globals['_SPEECHTOTEXTSERVICE']._serialized_end=1454
+  _globals['_SEGMENT']._serialized_start=293
+  _globals['_SEGMENT']._serialized_end=437
+  _globals['_WORD']._serialized_start=439
+  _globals['_WORD']._serialized_end=562
+  _globals['_RECOGNIZEREQUEST']._serialized_start=564
+  _globals['_RECOGNIZEREQUEST']._serialized_end=688
+  _globals['_RECOGNIZERESPONSE']._serialized_start=691
+  _globals['_RECOGNIZERESPONSE']._serialized_end=874
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_start=877
+  _globals['_STREAMINGRECOGNIZEREQUEST']._serialized_end=1016
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_start=1019
+  _globals['_STREAMINGRECOGNIZERESPONSE']._serialized_end=1196
+  _globals['_SPEECHTOTEXTSERVICE']._serialized_start=1303
+  _globals['_SPEECHTOTEXTSERVICE']._serialized_end=1619
 # @@protoc_insertion_point(module_scope)

@@ -88,8 +88,51 @@ class Segment(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    WORDS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text of the segment."""
+    @_builtins.property
+    def start(self) -> _duration_pb2.Duration:
+        """Start offset in the audio."""
+
+    @_builtins.property
+    def end(self) -> _duration_pb2.Duration:
+        """End offset in the audio."""
+
+    @_builtins.property
+    def words(self) -> _containers.RepeatedCompositeFieldContainer[Global___Word]:
+        """Words with their own timestamps; filled only when RecognitionConfig.word_timestamps is set."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        start: _duration_pb2.Duration | None = ...,
+        end: _duration_pb2.Duration | None = ...,
+        words: _abc.Iterable[Global___Word] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "text", b"text", "words", b"words"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Segment: _TypeAlias = Segment  # noqa: Y015
+
+@_typing.final
+class Word(_message.Message):
+    """A recognized word and when it was spoken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The word as written in the transcript (with its leading space, if any)."""
+    probability: _builtins.float
+    """The engine's confidence in the word, 0..1."""
     @_builtins.property
     def start(self) -> _duration_pb2.Duration:
         """Start offset in the audio."""
@@ -104,14 +147,15 @@ class Segment(_message.Message):
         text: _builtins.str = ...,
         start: _duration_pb2.Duration | None = ...,
         end: _duration_pb2.Duration | None = ...,
+        probability: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "probability", b"probability", "start", b"start", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Segment: _TypeAlias = Segment  # noqa: Y015
+Global___Word: _TypeAlias = Word  # noqa: Y015
 
 @_typing.final
 class RecognizeRequest(_message.Message):
