@@ -18,35 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from ..models import builtin
-from ..runtime.errors import InvalidArgument, OutOfRange
-
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    messages: list[tuple[str, str]]  # (role, content)
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-@dataclass
-class GenerationChunk:
-    text: str
-    finish_reason: str | None = None  # "stop" | "length" | "stop_sequence" on the last chunk
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class EngineLimits:
-    max_tokens: int = 2048
-    default_max_tokens: int = 256
-    max_prompt_tokens: int = 6144
-    max_stop_sequences: int = 4
+from ..runtime.errors import OutOfRange
+from .request import (
+    EngineLimits,
+    GenerationChunk,
+    GenerationRequest,
+    longest_stop_prefix,
+    validate_request,
+)
 
 
 class _TokenQueue(BaseStreamer):
@@ -93,28 +72,7 @@ class TextEngine:
         self._count_lock = threading.Lock()
 
     def validate(self, request: GenerationRequest) -> None:
-        if not request.messages:
-            raise InvalidArgument("messages must hold at least one message", field="messages")
-        for i, (role, content) in enumerate(request.messages):
-            if role not in ROLES:
-                raise InvalidArgument(
-                    f"messages[{i}].role must be one of {', '.join(ROLES)}", field=f"messages[{i}].role"
-                )
-            if not content.strip():
-                raise InvalidArgument(f"messages[{i}].content is empty", field=f"messages[{i}].content")
-        if not 1 <= request.max_tokens <= self.limits.max_tokens:
-            raise OutOfRange(
-                f"max_tokens must be between 1 and {self.limits.max_tokens}, got {request.max_tokens}",
-                field="max_tokens",
-            )
-        if not 0.0 <= request.temperature <= 2.0:
-            raise OutOfRange(f"temperature must be in [0, 2], got {request.temperature}", field="temperature")
-        if not 0.0 < request.top_p <= 1.0:
-            raise OutOfRange(f"top_p must be in (0, 1], got {request.top_p}", field="top_p")
-        if len(request.stop) > self.limits.max_stop_sequences or any(not s for s in request.stop):
-            raise InvalidArgument(
-                f"stop takes at most {self.limits.max_stop_sequences} non-empty sequences", field="stop"
-            )
+        validate_request(request, self.limits)
 
     def _prompt_ids(self, request: GenerationRequest) -> torch.Tensor:
         messages = [{"role": role, "content": content} for role, content in request.messages]
@@ -192,7 +150,7 @@ class TextEngine:
                     yield GenerationChunk(text[sent:hit])
                 break
             # Hold back a tail that could still grow into a stop sequence.
-            safe = len(text) - _longest_stop_prefix(text, request.stop)
+            safe = len(text) - longest_stop_prefix(text, request.stop)
             if safe > sent:
                 yield GenerationChunk(text[sent:safe])
                 sent = safe
@@ -203,13 +161,3 @@ class TextEngine:
                 yield GenerationChunk(text[sent:])
         yield GenerationChunk("", finish, prompt_tokens, len(tokens) + (finish == "stop"))
 
-
-def _longest_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop sequence."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
