@@ -26,5 +26,6 @@ CAPABILITIES: dict[str, CapabilityInfo] = {
     info.name: info
     for info in (
         CapabilityInfo("text", "aimesh_servers.text", "TEXT_GENERATION"),
+        CapabilityInfo("image", "aimesh_servers.image", "IMAGE_GENERATION"),
     )
 }

@@ -1,5 +1,5 @@
 """`aimesh.Client` and `aimesh.AsyncClient`: one channel to the mesh, a typed
-sub-client per capability (client.text, ...)."""
+sub-client per capability (client.text, client.image, ...)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from types import TracebackType
 
 import grpc
 
+from .image import AsyncImageClient, ImageClient
 from .text import AsyncTextClient, TextClient
 from .transport import DEFAULT_TIMEOUT_S, AsyncTransport, Transport, channel_options
 
@@ -28,6 +29,7 @@ class Client:
                         else grpc.insecure_channel(target, options))
         transport = Transport(self.channel, token, timeout)
         self.text = TextClient(transport)
+        self.image = ImageClient(transport)
 
     def close(self) -> None:
         self.channel.close()
@@ -51,6 +53,7 @@ class AsyncClient:
                         else grpc.aio.insecure_channel(target, options))
         transport = AsyncTransport(self.channel, token, timeout)
         self.text = AsyncTextClient(transport)
+        self.image = AsyncImageClient(transport)
 
     async def close(self) -> None:
         await self.channel.close()

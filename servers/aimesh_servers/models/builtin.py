@@ -98,8 +98,56 @@ def _tiny_blip(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+def _tiny_sd(out: Path) -> None:
+    # No diffusion weights can be had offline: a Stable Diffusion pipeline of the real
+    # classes at toy sizes, random weights (fixed seed), saved like a hub checkpoint.
+    # 64x64 images by default (8x8 latents); its output is noise.
+    import torch
+    from diffusers import (
+        AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel,
+    )
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # CLIP's byte-level BPE with no merges: one token per byte, "</w>" marking word ends.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({f"{c}</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, projection_dim=32,
+            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+        unet = UNet2DConditionModel(
+            sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8,
+        )
+        # Four blocks, as in SD: the VAE scales by 8.
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4, sample_size=64,
+        )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="leading", steps_offset=1,
+    )
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(out)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _smollm2,
+    "tiny-sd": _tiny_sd,
     "tiny-blip": _tiny_blip,
 }
 
