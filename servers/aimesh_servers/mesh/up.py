@@ -1,0 +1,183 @@
+"""`aimesh up`: the whole local mesh on one machine.
+
+Starts the control server (registry API, reflection, unknown-model answers) in this
+process, writes and validates the Envoy config, starts Envoy, starts the model
+servers the registry asks for (`replicas` per pool), and keeps Envoy's endpoints in
+step with the servers that registered (local registration folder: no Consul needed).
+Ctrl-C drains the servers, then stops Envoy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..capabilities import CAPABILITIES
+from ..control.servicer import ControlCapability, EnvoyHealth
+from ..registry.discovery import LocalDiscovery
+from ..registry.schema import Model, Pool, Registry, RegistryError, load_registry
+from ..runtime.runner import ModelServer
+from ..runtime.settings import ServerSettings
+from . import envoy_process
+from .controller import EndpointController
+from .envoy_config import MeshSpec
+
+
+def say(message: str) -> None:
+    print(f"[aimesh] {message}", flush=True)
+
+
+@dataclass
+class ServerProc:
+    model: Model
+    pool: Pool
+    index: int
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    serving: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.id}/{self.pool.id}#{self.index}"
+
+
+async def _start_server(model: Model, pool: Pool, index: int, state: Path) -> ServerProc:
+    version = model.default
+    args = [sys.executable, "-m", "aimesh_servers.cli", "serve", pool.serve, "--model", model.id,
+            "--source", pool.source or version.source, "--version", version.version, "--pool", pool.id]
+    env = {**os.environ, "AIMESH_REGISTRY_DIR": str(state / "registrations"),
+           "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **pool.env}
+    log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
+    return ServerProc(model, pool, index, proc, log_path)
+
+
+async def _follow(server: ServerProc) -> None:
+    """Copies a server's output to its log; echoes its life-cycle lines."""
+    assert server.proc.stdout is not None
+    with open(server.log_path, "ab") as log:
+        async for line in server.proc.stdout:
+            log.write(line)
+            log.flush()
+            text = line.decode(errors="replace").rstrip()
+            if text.startswith("[aimesh-server]"):
+                say(f"{server.name}: {text.removeprefix('[aimesh-server] ')}")
+                if " serving " in text:
+                    server.serving.set()
+    say(f"{server.name}: exited with {await server.proc.wait()} (log: {server.log_path})")
+
+
+def _select(registry: Registry, only: list[str] | None) -> Registry:
+    if not only:
+        return registry
+    unknown = sorted(set(only) - set(CAPABILITIES))
+    if unknown:
+        raise RegistryError(f"--only: unknown server kinds {unknown}; known: {sorted(CAPABILITIES)}")
+    models = [m for m in registry.models if any(p.serve in only for p in m.pools)]
+    if not models:
+        raise RegistryError(f"--only {only}: no model in the registry is served by those kinds")
+    return registry.model_copy(update={"models": models})
+
+
+def _banner(spec: MeshSpec) -> str:
+    front = f"{spec.listen_host}:{spec.port}"
+    text_model = next((m.id for m in spec.registry.models if m.capability.value == "text_generation"), None)
+    lines = [
+        f"mesh ready: front door {front} (gRPC and HTTP/JSON), Envoy admin 127.0.0.1:{spec.admin_port}",
+        f"  models:  curl -s http://{front}/v1/models",
+        f"  grpcurl: grpcurl -plaintext {front} list",
+    ]
+    if text_model:
+        body = '{"messages":[{"role":"ROLE_USER","content":"What is the capital of France?"}]}'
+        lines += [
+            f"  stream:  curl -sN http://{front}/v1/models/{text_model}:streamGenerate -d '{body}'",
+            f"  python:  aimesh.Client('{front}').text.generate('{text_model}', [('user', 'Hi!')]).text",
+        ]
+    lines.append(f"  logs:    {spec.state_dir}/  (Ctrl-C stops everything)")
+    return "\n".join(lines)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    registry = _select(load_registry(args.registry), args.only)
+    state = Path(args.state_dir).resolve()
+    for stale in ("registrations", "eds", "logs"):
+        shutil.rmtree(state / stale, ignore_errors=True)
+    (state / "logs").mkdir(parents=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    controller: EndpointController | None = None
+    control = ModelServer(
+        ServerSettings(port=0, drain_delay_s=0, drain_grace_s=1, max_concurrency=256),
+        [ControlCapability(registry, lambda: controller.instances if controller else [],
+                           EnvoyHealth(f"http://127.0.0.1:{args.admin_port}"))],
+    )
+    control_port = await control.start()
+    spec = MeshSpec(registry=registry, state_dir=state, control_port=control_port,
+                    port=args.port, admin_port=args.admin_port)
+    controller = EndpointController(spec, registry)
+    config = envoy_process.write_config(spec, controller)
+    await asyncio.to_thread(envoy_process.validate, config)
+    say(f"envoy config valid: {config}")
+    envoy = envoy_process.start(config, state / "logs" / "envoy.log")
+    servers: list[ServerProc] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.to_thread(envoy_process.wait_ready, args.admin_port, envoy)
+        say(f"envoy listening on {spec.listen_host}:{spec.port} (pid {envoy.pid})")
+        tasks.append(asyncio.create_task(controller.run(LocalDiscovery(state / "registrations"))))
+        for model in registry.models:
+            for pool in model.pools:
+                for index in range(pool.replicas):
+                    server = await _start_server(model, pool, index, state)
+                    servers.append(server)
+                    tasks.append(asyncio.create_task(_follow(server)))
+        say(f"started {len(servers)} model server(s); loading models...")
+        (state / "servers.json").write_text(json.dumps(
+            [{"model": s.model.id, "pool": s.pool.id, "pid": s.proc.pid} for s in servers], indent=1))
+        all_serving = asyncio.gather(*(s.serving.wait() for s in servers))
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait({asyncio.ensure_future(all_serving), waiter},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            say(_banner(spec))
+        await stop.wait()
+    finally:
+        say("shutting down: draining model servers")
+        for server in servers:
+            if server.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    server.proc.send_signal(signal.SIGTERM)
+        for server in servers:
+            try:
+                await asyncio.wait_for(server.proc.wait(), timeout=30)
+            except asyncio.TimeoutError:
+                server.proc.kill()
+        envoy.terminate()
+        await asyncio.to_thread(envoy.wait, 10)
+        for task in tasks:
+            task.cancel()
+        await control.drain()
+        say("stopped")
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_run(args))
+    except (RegistryError, envoy_process.EnvoyError) as exc:
+        say(f"error: {exc}")
+        return 2

@@ -1,0 +1,1 @@
+"""The model registry (declarative file) and service discovery (local or Consul)."""
