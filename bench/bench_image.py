@@ -14,9 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch
-
 import aimesh
+import torch
 from aimesh_servers import image
 from aimesh_servers.image.engine import ImageRequest
 from aimesh_servers.runtime.runner import ModelServer

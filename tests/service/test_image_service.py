@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 
+import aimesh
 import grpc
 import pytest
-from PIL import Image
-
-import aimesh
 from aimesh.image.v1 import image_generation_pb2 as pb
 from aimesh.image.v1 import image_generation_pb2_grpc as pb_grpc
 from aimesh_servers import image
+from PIL import Image
+
 from tests.servers import in_process_server, server_process
 
 MODEL = "tiny-sd"
@@ -21,7 +21,7 @@ MODEL = "tiny-sd"
 @pytest.fixture(scope="module")
 async def served():
     servicer = image.build(image.DEFAULT_MODEL, image.ServerSettings())
-    async with in_process_server([servicer], max_concurrency=2) as (server, channel):
+    async with in_process_server([servicer], max_concurrency=2) as (server, _):
         client = aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1)
         yield servicer, server, client
         await client.close()

@@ -7,10 +7,9 @@ import threading
 import time
 
 import pytest
-from PIL import Image
-
 from aimesh_servers.image.engine import Done, FinishedImage, ImageEngine, ImageRequest, StepDone
 from aimesh_servers.runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

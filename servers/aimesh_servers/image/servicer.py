@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-
 from aimesh.common.v1 import common_pb2
 from aimesh.image.v1 import image_generation_pb2 as pb
 from aimesh.image.v1 import image_generation_pb2_grpc as pb_grpc
