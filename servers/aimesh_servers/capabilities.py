@@ -26,6 +26,7 @@ CAPABILITIES: dict[str, CapabilityInfo] = {
     info.name: info
     for info in (
         CapabilityInfo("text", "aimesh_servers.text", "TEXT_GENERATION"),
+        CapabilityInfo("openai", "aimesh_servers.providers", "TEXT_GENERATION"),
         CapabilityInfo("vision", "aimesh_servers.vision", "IMAGE_TO_TEXT"),
         CapabilityInfo("embedding", "aimesh_servers.embedding", "EMBEDDING"),
         CapabilityInfo("image", "aimesh_servers.image", "IMAGE_GENERATION"),

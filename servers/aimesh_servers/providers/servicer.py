@@ -1,0 +1,105 @@
+"""TextGenerationService answered by a cloud provider through OpenAICompatEngine.
+
+Unlike the local servicer, the served-by headers go out only once the provider has
+produced the first piece of the answer: a provider that fails before that (refused key,
+429, 5xx, unreachable) gives a trailers-only error, which Envoy may still retry on the
+next pool of the model's fallback chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+
+from aimesh.common.v1 import common_pb2
+from aimesh.text.v1 import text_generation_pb2 as pb
+from aimesh.text.v1 import text_generation_pb2_grpc as pb_grpc
+
+from ..runtime.service import ServedModel, requested_model, resolve_model, send_served_by, served_by
+from ..text.request import GenerationChunk, GenerationRequest
+from .openai_compat import OpenAICompatEngine
+
+FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
+}
+ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+
+
+class ProviderTextServicer(pb_grpc.TextGenerationServiceServicer):
+    service_names = (pb.DESCRIPTOR.services_by_name["TextGenerationService"].full_name,)
+
+    def __init__(self, model: ServedModel, engine: OpenAICompatEngine, pool: str) -> None:
+        self.models = (model,)
+        self.engine = engine
+        self.pool = pool
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_TextGenerationServiceServicer_to_server(self, server)
+
+    def load(self) -> None:
+        self.engine.load()
+
+    def _start(
+        self, req: pb.GenerateRequest | pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[common_pb2.ServedBy, AsyncIterator[GenerationChunk]]:
+        asked = requested_model(req.model, context)
+        model = resolve_model(self.models, asked, req.model_version)
+        request = GenerationRequest(
+            messages=[(ROLE_NAMES.get(m.role, "unspecified"), m.content) for m in req.messages],
+            max_tokens=req.max_tokens if req.HasField("max_tokens")
+            else self.engine.limits.default_max_tokens,
+            temperature=req.temperature if req.HasField("temperature") else 0.0,
+            top_p=req.top_p if req.HasField("top_p") else 1.0,
+            stop=tuple(req.stop),
+            seed=req.seed if req.HasField("seed") else None,
+        )
+        self.engine.validate(request)
+        # The upstream model name is the served model's source (`--source`).
+        return served_by(model, self.pool, asked), self.engine.stream(request, model.source)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        served, stream = self._start(request, context)
+        parts = []
+        async with aclosing(stream) as chunks:
+            async for last in chunks:
+                parts.append(last.text)
+        await send_served_by(context, served)
+        return pb.GenerateResponse(
+            text="".join(parts),
+            finish_reason=FINISH[last.finish_reason],
+            usage=pb.TokenUsage(
+                prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens
+            ),
+            served_by=served,
+        )
+
+    async def StreamGenerate(
+        self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        served, stream = self._start(request, context)
+        first = True
+        # aclosing: a cancelled call closes the provider's HTTP stream at once, not at GC.
+        async with aclosing(stream) as chunks:
+            async for chunk in chunks:
+                if first:
+                    await send_served_by(context, served)
+                if chunk.finish_reason is None:
+                    yield pb.StreamGenerateResponse(
+                        text_delta=chunk.text, served_by=served if first else None
+                    )
+                    first = False
+                    continue
+                yield pb.StreamGenerateResponse(
+                    text_delta=chunk.text,
+                    finish_reason=FINISH[chunk.finish_reason],
+                    usage=pb.TokenUsage(
+                        prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
+                    ),
+                    served_by=served,
+                )
