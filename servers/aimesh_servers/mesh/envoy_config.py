@@ -18,11 +18,15 @@ and a removed host must not keep traffic (ignore_health_on_host_removal).
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
 from ..registry.schema import Model, Registry
+from ..runtime.errors import DOMAIN
 
 MODEL_HEADER = "x-aimesh-model"
 # Identity headers only Envoy may set (after verifying a token); a caller's copy is dropped.
@@ -248,6 +252,50 @@ def http_filters(spec: MeshSpec, services: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+# Envoy answers itself when no pool of a chain could take the call: no healthy host
+# (UH), connection failures on every try (UF, URX) or circuit breaker overflow (UO).
+UNROUTABLE_FLAGS = ["UH", "UF", "URX", "UO"]
+
+
+def _unavailable(model: Model) -> tuple[str, status_pb2.Status]:
+    chain = " -> ".join(p.id for p in model.pools)
+    message = f"model {model.id!r} is unavailable: no healthy server in its fallback chain ({chain})"
+    info = error_details_pb2.ErrorInfo(reason="MODEL_UNAVAILABLE", domain=DOMAIN,
+                                       metadata={"model": model.id, "pools": ",".join(p.id for p in model.pools)})
+    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
+    status.details.add().Pack(info)
+    return message, status
+
+
+def local_reply_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
+    """Envoy's own 'no healthy upstream' becomes AIP-193: UNAVAILABLE + ErrorInfo naming the
+    model, as grpc-status-details-bin for gRPC callers and a google.rpc.Status JSON body over HTTP."""
+    mappers = []
+    for model in spec.registry.models:
+        message, status = _unavailable(model)
+        details_bin = base64.b64encode(status.SerializeToString()).decode().rstrip("=")
+        unroutable = {"response_flag_filter": {"flags": UNROUTABLE_FLAGS}}
+        this_model = {"header_filter": {"header": {
+            "name": MODEL_HEADER, "string_match": {"exact": model.id}}}}
+        grpc_call = {"header_filter": {"header": {
+            "name": "content-type", "string_match": {"prefix": "application/grpc"}}}}
+        mappers.append({
+            "filter": {"and_filter": {"filters": [unroutable, this_model, grpc_call]}},
+            "headers_to_add": [{"header": {"key": "grpc-status-details-bin", "value": details_bin},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+            "body": {"inline_string": message},
+        })
+        mappers.append({
+            "filter": {"and_filter": {"filters": [unroutable, this_model]}},
+            "body_format_override": {"json_format": {
+                "code": code_pb2.UNAVAILABLE, "message": message,
+                "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                             "reason": "MODEL_UNAVAILABLE", "domain": DOMAIN,
+                             "metadata": {"model": model.id}}]}},
+        })
+    return mappers
+
+
 def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -262,6 +310,7 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
             log_format={"json_format": ACCESS_LOG_FORMAT})}],
         # Streams (tokens, audio) can run long; the route timeout bounds them instead.
         stream_idle_timeout="300s",
+        local_reply_config={"mappers": local_reply_mappers(spec)},
     )
     return {
         "node": {"id": "aimesh-front-door", "cluster": "aimesh"},

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .errors import AimeshError, EngineFailure, MalformedRequest, ServerBusy
+from .service import SERVED_BY_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                 await admit(context)
                 try:
                     req = decode_stream(request) if streaming_request else decode(request)
-                    return await inner(req, context)
+                    response = await inner(req, context)
+                    if served := SERVED_BY_METADATA.get():
+                        await context.send_initial_metadata(served)
+                    return response
                 except AimeshError as exc:
                     await self._abort(context, exc, method)
                 except (grpc.aio.AbortError, grpc.aio.UsageError):
@@ -112,7 +116,11 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             await admit(context)
             try:
                 req = decode_stream(request) if streaming_request else decode(request)
+                first = True
                 async for response in inner_stream(req, context):
+                    if first and (served := SERVED_BY_METADATA.get()):
+                        await context.send_initial_metadata(served)
+                    first = False
                     yield response
             except AimeshError as exc:
                 await self._abort(context, exc, method)

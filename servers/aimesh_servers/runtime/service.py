@@ -3,6 +3,7 @@ and the model ids it serves."""
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -78,9 +79,19 @@ def served_by(model: ServedModel, pool: str, requested: str) -> common_pb2.Serve
     )
 
 
+# Set by a servicer, sent by the interceptor (see `send_served_by`).
+SERVED_BY_METADATA: contextvars.ContextVar[tuple[tuple[str, str], ...] | None] = (
+    contextvars.ContextVar("served_by_metadata", default=None))
+
+
 async def send_served_by(context: grpc.aio.ServicerContext, served: common_pb2.ServedBy) -> None:
-    """Response headers naming who served the call (HTTP/JSON callers see them too)."""
-    await context.send_initial_metadata((
+    """Response metadata naming who served the call (HTTP/JSON callers see it as headers).
+
+    The interceptor sends it at the right moment: with the first message of a stream, or
+    with the answer of a unary call. Sending headers any earlier would commit Envoy to this
+    server: a call can only fail over to the next pool until response headers went out.
+    """
+    SERVED_BY_METADATA.set((
         ("x-aimesh-served-model", served.model),
         ("x-aimesh-served-version", served.model_version),
         ("x-aimesh-pool", served.pool),

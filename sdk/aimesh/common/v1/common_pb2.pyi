@@ -45,6 +45,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A stream was cut after its first message; it cannot be retried transparently."""
     ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 10
     """A tenant limit or budget is exhausted."""
+    ERROR_REASON_MODEL_UNAVAILABLE: _ErrorReason.ValueType  # 11
+    """No pool of the model's fallback chain has a healthy server; metadata["model"] names it."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable machine-readable reasons carried in google.rpc.ErrorInfo.reason
@@ -73,6 +75,8 @@ ERROR_REASON_STREAM_INTERRUPTED: ErrorReason.ValueType  # 9
 """A stream was cut after its first message; it cannot be retried transparently."""
 ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 10
 """A tenant limit or budget is exhausted."""
+ERROR_REASON_MODEL_UNAVAILABLE: ErrorReason.ValueType  # 11
+"""No pool of the model's fallback chain has a healthy server; metadata["model"] names it."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
