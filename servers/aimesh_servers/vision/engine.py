@@ -91,6 +91,8 @@ class VisionEngine:
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
             self.model.eval()
+        # Fast tokenizers keep padding state: concurrent calls may not share one.
+        self._processor_lock = threading.Lock()
 
     def validate(self, request: DescribeRequest) -> tuple[str, ...]:
         """Checks that need no decoding; returns the tasks to run."""
@@ -162,7 +164,8 @@ class VisionEngine:
         return "\n".join(" ".join(line) for line in lines.values()), words
 
     def _caption(self, image: Image.Image, prompt: str, cancel: threading.Event) -> str:
-        inputs = self.processor(images=image, text=prompt or None, return_tensors="pt")
+        with self._processor_lock:
+            inputs = self.processor(images=image, text=prompt or None, return_tensors="pt")
         with torch.inference_mode():
             ids = self.model.generate(
                 **inputs, max_new_tokens=self.limits.max_caption_tokens, do_sample=False,
