@@ -87,3 +87,17 @@ def test_sdk_refuses_a_lone_string():
     with aimesh.Client("127.0.0.1:1", max_attempts=1) as client:
         with pytest.raises(TypeError):
             client.embedding.embed(MODEL, "one string")
+
+
+async def test_a_call_past_its_deadline_frees_its_slot(served):
+    _, server, client = served
+    texts = [f"sentence number {i} " + "about the weather and the sea " * 5 for i in range(128)]
+    with pytest.raises(aimesh.DeadlineExceededError):
+        await client.embedding.embed(MODEL, texts, timeout=0.05)
+    for _ in range(100):  # the worker stops after its current micro-batch
+        if server.limit.in_flight == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert server.limit.in_flight == 0
+    ok = await client.embedding.embed(MODEL, ["still serving"])
+    assert len(ok.embeddings) == 1
