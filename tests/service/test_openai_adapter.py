@@ -9,6 +9,7 @@ real HTTP server on 127.0.0.1 standing in for a cloud provider's refusals (429, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 import httpx
@@ -49,18 +51,19 @@ def smollm2_folder() -> str:
     return builtin.resolve("builtin:smollm2-135m-instruct")
 
 
-@pytest.fixture(scope="module")
-def upstream(smollm2_folder, tmp_path_factory) -> Iterator[str]:
-    """`transformers serve` with the real SmolLM2, as an OpenAI-compatible API root."""
+@contextlib.contextmanager
+def transformers_serve(folder: str, log: Path, threads: int = 1) -> Iterator[str]:
+    """`transformers serve FOLDER` (a real OpenAI-compatible server); yields its API root.
+
+    One torch thread by default: on 2 shared cores, two spinning threads ran 3x slower
+    under load."""
     port = free_port()
-    log = tmp_path_factory.mktemp("upstream") / "transformers-serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [str(VENV_BIN / "transformers"), "serve", smollm2_folder,
+            [str(VENV_BIN / "transformers"), "serve", folder,
              "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
             stdout=out, stderr=subprocess.STDOUT,
-            # One thread: on 2 shared cores, two spinning threads ran 3x slower under load.
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         )
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -72,7 +75,6 @@ def upstream(smollm2_folder, tmp_path_factory) -> Iterator[str]:
             except httpx.TransportError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
                 raise RuntimeError(f"transformers serve did not start:\n{log.read_text()}")
             time.sleep(0.5)
         yield base
@@ -83,6 +85,13 @@ def upstream(smollm2_folder, tmp_path_factory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def upstream(smollm2_folder, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("upstream") / "transformers-serve.log"
+    with transformers_serve(smollm2_folder, log) as base:
+        yield base
 
 
 def adapter(model: ServedModel, base_url: str, key: str | None = None):

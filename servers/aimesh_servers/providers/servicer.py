@@ -18,15 +18,9 @@ from aimesh.text.v1 import text_generation_pb2 as pb
 from aimesh.text.v1 import text_generation_pb2_grpc as pb_grpc
 
 from ..runtime.service import ServedModel, requested_model, resolve_model, send_served_by, served_by
-from ..text.request import GenerationChunk, GenerationRequest
+from ..text.contract import generate_response, generation_request, stream_response
+from ..text.request import GenerationChunk
 from .openai_compat import OpenAICompatEngine
-
-FINISH = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
-}
-ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 
 
 class ProviderTextServicer(pb_grpc.TextGenerationServiceServicer):
@@ -48,15 +42,7 @@ class ProviderTextServicer(pb_grpc.TextGenerationServiceServicer):
     ) -> tuple[common_pb2.ServedBy, AsyncIterator[GenerationChunk]]:
         asked = requested_model(req.model, context)
         model = resolve_model(self.models, asked, req.model_version)
-        request = GenerationRequest(
-            messages=[(ROLE_NAMES.get(m.role, "unspecified"), m.content) for m in req.messages],
-            max_tokens=req.max_tokens if req.HasField("max_tokens")
-            else self.engine.limits.default_max_tokens,
-            temperature=req.temperature if req.HasField("temperature") else 0.0,
-            top_p=req.top_p if req.HasField("top_p") else 1.0,
-            stop=tuple(req.stop),
-            seed=req.seed if req.HasField("seed") else None,
-        )
+        request = generation_request(req, self.engine.limits.default_max_tokens)
         self.engine.validate(request)
         # The upstream model name is the served model's source (`--source`).
         return served_by(model, self.pool, asked), self.engine.stream(request, model.source)
@@ -70,14 +56,7 @@ class ProviderTextServicer(pb_grpc.TextGenerationServiceServicer):
             async for last in chunks:
                 parts.append(last.text)
         await send_served_by(context, served)
-        return pb.GenerateResponse(
-            text="".join(parts),
-            finish_reason=FINISH[last.finish_reason],
-            usage=pb.TokenUsage(
-                prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens
-            ),
-            served_by=served,
-        )
+        return generate_response(parts, last, served)
 
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
@@ -89,17 +68,5 @@ class ProviderTextServicer(pb_grpc.TextGenerationServiceServicer):
             async for chunk in chunks:
                 if first:
                     await send_served_by(context, served)
-                if chunk.finish_reason is None:
-                    yield pb.StreamGenerateResponse(
-                        text_delta=chunk.text, served_by=served if first else None
-                    )
-                    first = False
-                    continue
-                yield pb.StreamGenerateResponse(
-                    text_delta=chunk.text,
-                    finish_reason=FINISH[chunk.finish_reason],
-                    usage=pb.TokenUsage(
-                        prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
-                    ),
-                    served_by=served,
-                )
+                yield stream_response(chunk, served, first)
+                first = False

@@ -17,14 +17,8 @@ from ..runtime.service import (
     served_by,
 )
 from ..runtime.streams import iterate_in_thread
+from .contract import generate_response, generation_request, stream_response
 from .engine import GenerationChunk, GenerationRequest, TextEngine
-
-FINISH = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "stop_sequence": pb.FINISH_REASON_STOP_SEQUENCE,
-}
-ROLE_NAMES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
@@ -42,15 +36,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         self.engine.load()
 
     def _request(self, req: pb.GenerateRequest | pb.StreamGenerateRequest) -> GenerationRequest:
-        return GenerationRequest(
-            messages=[(ROLE_NAMES.get(m.role, "unspecified"), m.content) for m in req.messages],
-            max_tokens=req.max_tokens if req.HasField("max_tokens")
-            else self.engine.limits.default_max_tokens,
-            temperature=req.temperature if req.HasField("temperature") else 0.0,
-            top_p=req.top_p if req.HasField("top_p") else 1.0,
-            stop=tuple(req.stop),
-            seed=req.seed if req.HasField("seed") else None,
-        )
+        return generation_request(req, self.engine.limits.default_max_tokens)
 
     async def _chunks(
         self, req: pb.GenerateRequest | pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
@@ -69,12 +55,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         async for chunk in chunks:
             parts.append(chunk.text)
             last = chunk
-        return pb.GenerateResponse(
-            text="".join(parts),
-            finish_reason=FINISH[last.finish_reason],
-            usage=pb.TokenUsage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens),
-            served_by=served,
-        )
+        return generate_response(parts, last, served)
 
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext
@@ -82,15 +63,5 @@ class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
         served, chunks = await self._chunks(request, context)
         first = True
         async for chunk in chunks:
-            if chunk.finish_reason is None:
-                yield pb.StreamGenerateResponse(text_delta=chunk.text, served_by=served if first else None)
-                first = False
-                continue
-            yield pb.StreamGenerateResponse(
-                text_delta=chunk.text,
-                finish_reason=FINISH[chunk.finish_reason],
-                usage=pb.TokenUsage(
-                    prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens
-                ),
-                served_by=served,
-            )
+            yield stream_response(chunk, served, first)
+            first = False

@@ -1,0 +1,111 @@
+"""The cloud-provider adapter vs calling the provider directly.
+
+Starts a real OpenAI-compatible provider (`transformers serve` with SmolLM2-135M) and
+`aimesh serve openai` in front of it, then alternates the same greedy streaming request
+straight to the provider (httpx, SSE) and through the adapter (aimesh SDK, gRPC), and
+prints first-token latency and tokens/s for each, the adapter as a ratio of direct
+(same run, same provider). Token counts are the provider's own usage in both cases.
+
+The provider runs one torch thread by default, leaving the second core to the adapter,
+as if they ran on different machines (they would).
+
+    .venv/bin/python bench/bench_openai_adapter.py [--runs 10] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aimesh  # noqa: E402
+from aimesh_servers.models import builtin  # noqa: E402
+from tests.servers import server_process  # noqa: E402
+from tests.service.test_openai_adapter import transformers_serve  # noqa: E402
+
+PROMPT = [("user", "Write a short paragraph about the history of Paris.")]
+
+
+def direct(base: str, folder: str, max_tokens: int) -> Iterator[tuple[str, int]]:
+    """(text, completion tokens so far) from the provider's own SSE stream."""
+    body = {"model": folder, "messages": [{"role": r, "content": c} for r, c in PROMPT],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data:") and not line.endswith("[DONE]"):
+                event = json.loads(line[5:])
+                text = "".join(c["delta"].get("content") or "" for c in event.get("choices", ()))
+                yield text, (event.get("usage") or {}).get("completion_tokens", 0)
+
+
+def adapted(target: str, max_tokens: int) -> Iterator[tuple[str, int]]:
+    """The same through the adapter, over gRPC with the SDK."""
+    with aimesh.Client(target, max_attempts=1) as client:
+        for piece in client.text.stream_generate("smollm2-135m", PROMPT, max_tokens=max_tokens):
+            yield piece.text_delta, piece.usage.completion_tokens
+
+
+def timed(stream: Iterator[tuple[str, int]]) -> tuple[float, float]:
+    """Seconds to the first text, and tokens/s over the whole call (provider's count)."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    for text, completion_tokens in stream:
+        if first is None and text:
+            first = time.perf_counter() - start
+        tokens = completion_tokens or tokens
+    total = time.perf_counter() - start
+    return first or total, tokens / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--provider-threads", type=int, default=1)
+    args = parser.parse_args()
+    folder = builtin.resolve("builtin:smollm2-135m-instruct")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        transformers_serve(folder, Path(tmp) / "provider.log", args.provider_threads) as base,
+        server_process("serve", "openai", "--model", "smollm2-135m", "--source", folder,
+                       env={"AIMESH_OPENAI_BASE_URL": base}) as adapter,
+    ):
+        adapter.wait_serving(timeout=60)
+        target = f"127.0.0.1:{adapter.port}"
+        timed(direct(base, folder, 8))  # warm-up both paths
+        timed(adapted(target, 8))
+        results: dict[str, list[tuple[float, float]]] = {"direct": [], "adapter": []}
+        for _ in range(args.runs):
+            results["direct"].append(timed(direct(base, folder, args.max_tokens)))
+            results["adapter"].append(timed(adapted(target, args.max_tokens)))
+    print(f"SmolLM2-135M via transformers serve ({args.provider_threads} thread), greedy, "
+          f"{args.max_tokens} new tokens, {args.runs} runs each, alternating")
+    stats = {name: percentiles(rows) for name, rows in results.items()}
+    for name, (ttft, tps) in stats.items():
+        print(f"  {name:8s} first token p50/p90 {ttft[0]:7.1f}/{ttft[1]:7.1f} ms   "
+              f"tokens/s p50/p10 {tps[0]:6.1f}/{tps[1]:6.1f}")
+    (base_ttft, base_tps), (ttft, tps) = stats["direct"], stats["adapter"]
+    print(f"  adapter/direct: first-token latency p50 x{ttft[0] / base_ttft[0]:.3f} "
+          f"({ttft[0] - base_ttft[0]:+.1f} ms), tokens/s p50 x{tps[0] / base_tps[0]:.3f}")
+
+
+def percentiles(rows: list[tuple[float, float]]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(first-token ms p50, p90), (tokens/s p50, p10: the slow tail of a rate)."""
+    ttft = statistics.quantiles([r[0] * 1000 for r in rows], n=10, method="inclusive")
+    tps = statistics.quantiles([r[1] for r in rows], n=10, method="inclusive")
+    return (ttft[4], ttft[8]), (tps[4], tps[0])
+
+if __name__ == "__main__":
+    main()
