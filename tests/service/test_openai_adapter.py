@@ -364,6 +364,22 @@ async def test_a_refused_stream_sends_no_headers_so_the_mesh_can_fall_back(provi
         assert dict(await good.initial_metadata())["x-aimesh-pool"] == "openai"
 
 
+async def test_the_key_can_come_from_a_variable_the_pool_names(provider):
+    # Two provider pools (say Groq, then OpenAI) each name their own key variable.
+    standin = provider[0]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STANDIN_PROVIDER_KEY", "gsk-another-key")
+        env.setenv("AIMESH_OPENAI_API_KEY_ENV", "STANDIN_PROVIDER_KEY")
+        servicer = adapter(ServedModel(id="gpt-test", source="gpt-upstream"),
+                           f"http://127.0.0.1:{standin.server_address[1]}/v1")
+    async with in_process_server([servicer]) as (server, _):
+        async with aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+            out = await client.text.generate("gpt-test", [("user", "hello")])
+    await servicer.engine.aclose()
+    assert out.text == "Hello world"
+    assert standin.requests[-1][1] == "Bearer gsk-another-key"
+
+
 async def test_unreachable_provider_is_unavailable():
     servicer = adapter(ServedModel(id="gpt-test", source="gpt-upstream"),
                        f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there

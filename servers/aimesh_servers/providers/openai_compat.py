@@ -12,6 +12,9 @@ UNAVAILABLE (the adapter's key was refused: our configuration, not the caller's 
 refused connections and timeouts -> UNAVAILABLE, so the mesh can fall back to the next
 pool. The API key is sent only in the Authorization header: it is never logged and is
 scrubbed from provider messages we pass on.
+
+Token usage is the provider's own count (`stream_options.include_usage`); a provider
+that sends none gets 0 reported, never an estimate, and one warning in the log.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -26,7 +30,7 @@ from typing import Any
 
 import grpc
 import httpx
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aimesh.common.v1 import common_pb2
@@ -52,11 +56,23 @@ class OpenAISettings(BaseSettings):
         "https://api.openai.com/v1", description="API root; /chat/completions is appended"
     )
     api_key: SecretStr | None = Field(None, description="sent as a Bearer token; never logged")
+    api_key_env: str | None = Field(
+        None, description="else read the key from this variable, so that two provider pools "
+        "(e.g. GROQ_API_KEY, OPENAI_API_KEY) never put their keys in the registry file",
+    )
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(
         60.0, gt=0, description="longest silence between two pieces of an answer"
     )
     max_connections: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _key_from_named_variable(self) -> OpenAISettings:
+        if self.api_key is None and self.api_key_env:
+            if not (value := os.environ.get(self.api_key_env)):
+                raise ValueError(f"AIMESH_OPENAI_API_KEY_ENV: {self.api_key_env} is not set")
+            self.api_key = SecretStr(value)
+        return self
 
 
 class UpstreamRejected(AimeshError):
