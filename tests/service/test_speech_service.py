@@ -100,14 +100,12 @@ async def test_streaming_recognize_decides_segments_while_audio_still_arrives(se
     _, server, client = served
     events: list[str] = []
     first_segment = asyncio.Event()
-    chunk = 16 * 1024
-    # Past one streaming window of audio (22,050 Hz s16 mono: 44,100 bytes a second).
-    hold_at = int(WINDOW_S * 44_100 * 1.2)
-    assert hold_at < len(speech) - chunk
+    chunk = 16 * 1024  # 0.37 s of 22,050 Hz s16 audio; the clip is longer than one window
+    assert len(speech) > (WINDOW_S + 1) * 44_100
 
     async def chunks():
         for i in range(0, len(speech), chunk):
-            if i >= hold_at and not first_segment.is_set():
+            if i + chunk >= len(speech):  # the last chunk waits for a decided segment
                 await asyncio.wait_for(first_segment.wait(), 60)
             events.append("chunk")
             yield speech[i:i + chunk]

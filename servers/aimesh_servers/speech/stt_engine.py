@@ -168,6 +168,7 @@ class RecognitionSession:
     word_timestamps: bool
     _buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     _offset: float = 0.0  # seconds of audio before the buffer's start (already decided)
+    _fresh: int = 0  # samples that arrived since the last decision
 
     @property
     def seconds(self) -> float:
@@ -177,6 +178,7 @@ class RecognitionSession:
     def _append(self, samples: np.ndarray) -> None:
         if len(samples):
             self._buffer = np.concatenate([self._buffer, samples])
+            self._fresh += len(samples)
 
     def _transcribe(self, cancel: threading.Event) -> Iterator[Segment]:
         language, segments = self.engine.backend.transcribe(
@@ -198,13 +200,16 @@ class RecognitionSession:
     # -- streams ----------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> bool:
-        """Takes a chunk; True when enough audio is buffered for `decide`."""
+        """Takes a chunk; True when a window is full and a third of it is new since the
+        last decision (a held segment is not transcribed again for every chunk)."""
         self._append(self.decoder.feed(chunk))
-        return len(self._buffer) >= self.engine.window_s * WHISPER_RATE
+        window = self.engine.window_s * WHISPER_RATE
+        return len(self._buffer) >= window and self._fresh >= window / 3
 
     def decide(self, cancel: threading.Event) -> Iterator[Segment]:
         """Segments the buffer settles; the audio they cover leaves the buffer."""
         buffered = len(self._buffer) / WHISPER_RATE
+        self._fresh = 0
         held: Segment | None = None
         cut = 0.0
         for segment in self._transcribe(cancel):

@@ -73,9 +73,10 @@ def split_sentences(text: str, max_chars: int) -> list[str]:
     for sentence in _SENTENCE_END.split(text.strip()):
         sentence = sentence.strip()
         while len(sentence) > max_chars:
-            head = sentence[:max_chars]
-            cut = max(head.rfind(", "), head.rfind(" "))
-            cut = cut + 1 if cut > 0 else max_chars
+            head = sentence[:max_chars + 1]  # a break right after the limit still fits
+            cut = head.rfind(", ") + 1 or head.rfind(" ")
+            if cut <= 0:
+                cut = max_chars
             sentences.append(sentence[:cut].strip())
             sentence = sentence[cut:].strip()
         if sentence:
