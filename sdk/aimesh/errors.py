@@ -92,3 +92,20 @@ def from_rpc_error(error: grpc.RpcError) -> AimeshError:
                 detail.Unpack(bad)
                 result.field_violations = {v.field: v.description for v in bad.field_violations}
     return result
+
+
+def stream_cut(error: AimeshError, received: int) -> AimeshError:
+    """A stream that failed after delivering messages, with no reason from the server, was
+    cut (the server died or the connection reset). The mesh cannot fail it over without
+    repeating output already delivered, so the caller gets a clear UNAVAILABLE."""
+    if received == 0 or error.reason or error.code not in (
+        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN
+    ):
+        return error
+    return UnavailableError(
+        code=grpc.StatusCode.UNAVAILABLE,
+        message=f"the stream was cut after {received} message(s) and cannot be resumed "
+                f"({error.code.name}: {error.message})",
+        reason="STREAM_INTERRUPTED", domain="aimesh.dev",
+        metadata={"messages_received": str(received)},
+    )

@@ -9,6 +9,7 @@ import grpc
 
 from .embedding import AsyncEmbeddingClient, EmbeddingClient
 from .image import AsyncImageClient, ImageClient
+from .registry import AsyncRegistryClient, RegistryClient
 from .speech import (
     AsyncSpeechToTextClient,
     AsyncTextToSpeechClient,
@@ -36,6 +37,7 @@ class Client:
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
         transport = Transport(self.channel, token, timeout)
+        self.registry = RegistryClient(transport)
         self.text = TextClient(transport)
         self.vision = VisionClient(transport)
         self.embedding = EmbeddingClient(transport)
@@ -64,6 +66,7 @@ class AsyncClient:
         self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                         else grpc.aio.insecure_channel(target, options))
         transport = AsyncTransport(self.channel, token, timeout)
+        self.registry = AsyncRegistryClient(transport)
         self.text = AsyncTextClient(transport)
         self.vision = AsyncVisionClient(transport)
         self.embedding = AsyncEmbeddingClient(transport)

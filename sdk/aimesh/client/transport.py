@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ..errors import from_rpc_error
+from ..errors import from_rpc_error, stream_cut
 
 MODEL_HEADER = "x-aimesh-model"
 DEFAULT_TIMEOUT_S = 120.0
@@ -79,10 +79,13 @@ class Transport(_Common):
                timeout: float | None = None) -> Iterator[Any]:
         """Server (or bidi) stream; leaving the loop early cancels the call on the server."""
         call = method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
+        received = 0
         try:
-            yield from call
+            for response in call:
+                received += 1
+                yield response
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise stream_cut(from_rpc_error(exc), received) from None
         finally:
             call.cancel()
 
@@ -104,10 +107,12 @@ class AsyncTransport(_Common):
     async def stream(self, method: Callable[..., Any], request: Any, *, model: str = "",
                      timeout: float | None = None) -> AsyncIterator[Any]:
         call = method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
+        received = 0
         try:
             async for response in call:
+                received += 1
                 yield response
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise stream_cut(from_rpc_error(exc), received) from None
         finally:
             call.cancel()

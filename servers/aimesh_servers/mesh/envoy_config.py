@@ -122,10 +122,12 @@ def model_cluster(spec: MeshSpec, model: Model) -> dict[str, Any]:
             }
         },
         "health_checks": [{
-            "timeout": "0.5s",
+            # A dead server refuses the connection at once; the timeout only has to spare a
+            # busy Python server whose event loop shares two cores with the model.
+            "timeout": "2s",
             "interval": "1s",
             "no_traffic_interval": "1s",  # default 60 s would leave a new server idle for a minute
-            "unhealthy_threshold": 2,
+            "unhealthy_threshold": 3,
             "healthy_threshold": 1,
             "grpc_health_check": {"service_name": model.services[0]},
         }],
@@ -277,21 +279,24 @@ def local_reply_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
         unroutable = {"response_flag_filter": {"flags": UNROUTABLE_FLAGS}}
         this_model = {"header_filter": {"header": {
             "name": MODEL_HEADER, "string_match": {"exact": model.id}}}}
-        grpc_call = {"header_filter": {"header": {
-            "name": "content-type", "string_match": {"prefix": "application/grpc"}}}}
+        # The transcoder turned an HTTP/JSON call into gRPC and kept its path in this header.
+        from_http = {"header_filter": {"header": {
+            "name": "x-envoy-original-path", "present_match": True}}}
         mappers.append({
-            "filter": {"and_filter": {"filters": [unroutable, this_model, grpc_call]}},
-            "headers_to_add": [{"header": {"key": "grpc-status-details-bin", "value": details_bin},
-                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
-            "body": {"inline_string": message},
+            "filter": {"and_filter": {"filters": [unroutable, this_model, from_http]}},
+            "body_format_override": {
+                "json_format": {
+                    "code": code_pb2.UNAVAILABLE, "message": message,
+                    "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                 "reason": "MODEL_UNAVAILABLE", "domain": DOMAIN,
+                                 "metadata": {"model": model.id}}]},
+                "content_type": "application/json"},
         })
         mappers.append({
             "filter": {"and_filter": {"filters": [unroutable, this_model]}},
-            "body_format_override": {"json_format": {
-                "code": code_pb2.UNAVAILABLE, "message": message,
-                "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                             "reason": "MODEL_UNAVAILABLE", "domain": DOMAIN,
-                             "metadata": {"model": model.id}}]}},
+            "headers_to_add": [{"header": {"key": "grpc-status-details-bin", "value": details_bin},
+                                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+            "body": {"inline_string": message},
         })
     return mappers
 
