@@ -180,7 +180,8 @@ async def test_undecodable_bytes_are_invalid_argument(served):
 
 
 def test_aimesh_serve_image_answers_the_sync_client():
-    with server_process("serve", "image") as proc:
+    # Naming the builtin source explicitly still marks the responses as random weights.
+    with server_process("serve", "image", "--source", "builtin:tiny-sd") as proc:
         proc.wait_serving()
         with aimesh.Client(f"127.0.0.1:{proc.port}", max_attempts=1) as client:
             events = list(client.image.generate_image(MODEL, "a boat", steps=2, seed=4))

@@ -3,6 +3,9 @@ ImageGenerationService servicer."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from ..models import builtin
 from ..runtime.service import ServedModel
 from ..runtime.settings import ServerSettings
 
@@ -14,4 +17,7 @@ def build(model: ServedModel, settings: ServerSettings):
     from .engine import ImageEngine
     from .servicer import ImageGenerationServicer
 
-    return ImageGenerationServicer(model, ImageEngine(model.source, threads=settings.torch_threads), settings.pool)
+    if builtin.has_random_weights(model.source):  # also when named with --source
+        model = replace(model, random_weights=True)
+    engine = ImageEngine(model.source, threads=settings.torch_threads)
+    return ImageGenerationServicer(model, engine, settings.pool)

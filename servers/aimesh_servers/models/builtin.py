@@ -187,7 +187,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 
 # Builtins whose weights are random (the real architecture, no real weights to be had):
 # their output is noise, and every response says so (ServedBy.random_weights).
-RANDOM_WEIGHTS = frozenset({"tiny-blip", "whisper-tiny-random"})
+RANDOM_WEIGHTS = frozenset({"tiny-blip", "whisper-tiny-random", "tiny-sd"})
 
 # Checkpoints that a package ships ready to load: (package, folder inside it), used in place.
 PACKAGED: dict[str, tuple[str, str]] = {
