@@ -27,7 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model:
         model = replace(model, id=args.model)
     if args.source:
-        model = replace(model, source=args.source, random_weights=False)
+        from .models.builtin import has_random_weights
+
+        model = replace(model, source=args.source, random_weights=has_random_weights(args.source))
     if args.version:
         model = replace(model, version=args.version)
     server = ModelServer(settings, [module.build(model, settings)])
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port, localhost only")
     up.add_argument("--only", action="append", help="start only these capabilities (repeatable)")
     up.add_argument("--state-dir", default=".aimesh", help="where generated config and logs go")
+    up.add_argument("--listen", default="127.0.0.1", help="front door bind address (default 127.0.0.1)")
+    up.add_argument("--consul", metavar="ADDR",
+                    help="discover model servers through the Consul agent at ADDR (host:port); "
+                         "servers it starts register there")
     up.set_defaults(func=_up)
 
     args = parser.parse_args(argv)
