@@ -1,0 +1,63 @@
+"""The generated Envoy config: validated by the real Envoy binary, chains as priorities."""
+
+from __future__ import annotations
+
+import subprocess
+
+import yaml
+
+from aimesh_servers.mesh.controller import EndpointController, load_assignment
+from aimesh_servers.mesh.envoy_config import MeshSpec, bootstrap, routes
+from aimesh_servers.mesh.envoy_process import envoy_binary, write_config
+from aimesh_servers.registry.discovery import Instance
+from aimesh_servers.registry.schema import load_registry
+from tests.unit.test_registry_schema import GOOD, write
+
+
+def instance(pool: str, port: int, model: str = "chat") -> Instance:
+    return Instance(id=f"{model}-{pool}-{port}", address="127.0.0.1", port=port, model=model,
+                    pool=pool, version="1", grpc_service="aimesh.text.v1.TextGenerationService")
+
+
+def test_envoy_accepts_the_generated_config_for_the_default_registry(tmp_path):
+    spec = MeshSpec(registry=load_registry(), state_dir=tmp_path, control_port=50000)
+    config = write_config(spec, EndpointController(spec, spec.registry))
+    result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def test_pools_become_priorities_in_chain_order_without_gaps(tmp_path):
+    chat = load_registry(write(tmp_path, GOOD)).get("chat")
+    both = load_assignment(chat, [instance("cloud", 2), instance("primary", 1), instance("primary", 3)])
+    groups = both["resources"][0]["endpoints"]
+    assert [(g["priority"], g["locality"]["zone"]) for g in groups] == [(0, "primary"), (1, "cloud")]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in groups[0]["lb_endpoints"]] == [1, 3]
+    only_cloud = load_assignment(chat, [instance("cloud", 2), instance("primary", 9, model="other")])
+    assert [(g["priority"], g["locality"]["zone"]) for g in only_cloud["resources"][0]["endpoints"]] == [(0, "cloud")]
+
+
+def test_controller_rewrites_only_changed_clusters_atomically(tmp_path):
+    spec = MeshSpec(registry=load_registry(write(tmp_path, GOOD)), state_dir=tmp_path, control_port=1)
+    controller = EndpointController(spec, spec.registry)
+    assert controller.apply([]) == ["model_chat"]
+    assert controller.apply([]) == []
+    assert controller.apply([instance("primary", 7)]) == ["model_chat"]
+    written = yaml.safe_load(spec.eds_path(spec.registry.models[0]).read_text())
+    assert written["resources"][0]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"]["port_value"] == 7
+    assert not list(spec.eds_dir.glob(".*.tmp"))
+
+
+def test_routes_send_model_header_to_its_cluster_and_unknown_models_to_control(tmp_path):
+    spec = MeshSpec(registry=load_registry(write(tmp_path, GOOD)), state_dir=tmp_path, control_port=1)
+    table = routes(spec)
+    by_name = {r.get("name"): r for r in table}
+    chat = by_name["chat:aimesh.text.v1.TextGenerationService"]
+    assert chat["match"]["headers"][0]["string_match"]["exact"] == "chat"
+    assert chat["route"]["cluster"] == "model_chat"
+    assert "previous_priorities" in chat["route"]["retry_policy"]["retry_priority"]["name"]
+    assert table[-2]["match"]["prefix"] == "/aimesh." and table[-2]["route"]["cluster"] == "control"
+    admin = bootstrap(spec, ["aimesh.text.v1.TextGenerationService"])["admin"]
+    assert admin["address"]["socket_address"]["address"] == "127.0.0.1"
