@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class Mesh:
-    def __init__(self, state_dir: Path, registry: Path | None = None, only: list[str] | None = None):
+    def __init__(self, state_dir: Path, registry: Path | None = None, only: list[str] | None = None,
+                 extra_args: Sequence[str] = ()):
         self.port, self.admin_port = free_port(), free_port()
         self.state_dir = state_dir
         args = [sys.executable, "-m", "aimesh_servers.cli", "up", "--port", str(self.port),
@@ -32,6 +33,7 @@ class Mesh:
             args += ["--registry", str(registry)]
         for kind in only or ():
             args += ["--only", kind]
+        args += extra_args
         self.lines: list[str] = []
         self._ready = threading.Event()
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -3,7 +3,8 @@
 Starts the control server (registry API, reflection, unknown-model answers) in this
 process, writes and validates the Envoy config, starts Envoy, starts the model
 servers the registry asks for (`replicas` per pool), and keeps Envoy's endpoints in
-step with the servers that registered (local registration folder: no Consul needed).
+step with the servers that registered (a local registration folder, or Consul with
+`--consul ADDR`: servers started elsewhere register there too).
 Ctrl-C drains the servers, then stops Envoy.
 """
 
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from ..capabilities import CAPABILITIES
 from ..control.servicer import ControlCapability, EnvoyHealth
-from ..registry.discovery import LocalDiscovery
+from ..registry.consul import ConsulDiscovery
+from ..registry.discovery import Discovery, LocalDiscovery
 from ..registry.schema import Model, Pool, Registry, RegistryError, load_registry
 from ..runtime.runner import ModelServer
 from ..runtime.settings import ServerSettings
@@ -49,11 +51,14 @@ class ServerProc:
         return f"{self.model.id}/{self.pool.id}#{self.index}"
 
 
-async def _start_server(model: Model, pool: Pool, index: int, state: Path) -> ServerProc:
+async def _start_server(model: Model, pool: Pool, index: int, state: Path,
+                        consul: str | None) -> ServerProc:
     version = model.default
     args = [sys.executable, "-m", "aimesh_servers.cli", "serve", pool.serve, "--model", model.id,
             "--source", pool.source or version.source, "--version", version.version, "--pool", pool.id]
-    env = {**os.environ, "AIMESH_REGISTRY_DIR": str(state / "registrations"),
+    registration = ({"AIMESH_CONSUL_HTTP_ADDR": consul} if consul
+                    else {"AIMESH_REGISTRY_DIR": str(state / "registrations")})
+    env = {**os.environ, **registration,
            "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **pool.env}
     log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
     proc = await asyncio.create_subprocess_exec(
@@ -127,7 +132,7 @@ async def _run(args: argparse.Namespace) -> int:
     )
     control_port = await control.start()
     spec = MeshSpec(registry=registry, state_dir=state, control_port=control_port,
-                    port=args.port, admin_port=args.admin_port)
+                    port=args.port, admin_port=args.admin_port, listen_host=args.listen)
     controller = EndpointController(spec, registry)
     config = envoy_process.write_config(spec, controller)
     await asyncio.to_thread(envoy_process.validate, config)
@@ -138,11 +143,15 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         await asyncio.to_thread(envoy_process.wait_ready, args.admin_port, envoy)
         say(f"envoy listening on {spec.listen_host}:{spec.port} (pid {envoy.pid})")
-        tasks.append(asyncio.create_task(controller.run(LocalDiscovery(state / "registrations"))))
+        discovery: Discovery = (ConsulDiscovery(args.consul) if args.consul
+                                else LocalDiscovery(state / "registrations"))
+        if args.consul:
+            say(f"discovery: Consul at {args.consul} (passing instances of every model server)")
+        tasks.append(asyncio.create_task(controller.run(discovery)))
         for model in registry.models:
             for pool in model.pools:
                 for index in range(pool.replicas):
-                    server = await _start_server(model, pool, index, state)
+                    server = await _start_server(model, pool, index, state, args.consul)
                     servers.append(server)
                     tasks.append(asyncio.create_task(_follow(server)))
         say(f"started {len(servers)} model server(s); loading models...")

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..registry.consul import ConsulRegistrar
 from ..registry.discovery import Instance, LocalRegistrar, Registrar
 from .interceptor import AimeshServerInterceptor, ConcurrencyLimit
 from .service import Capability
@@ -36,7 +37,8 @@ class ModelServer:
         self.server: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
         self.port = 0
         self.registrar: Registrar | None = (
-            LocalRegistrar(settings.registry_dir) if settings.registry_dir else None
+            ConsulRegistrar(settings.consul_http_addr) if settings.consul_http_addr
+            else LocalRegistrar(settings.registry_dir) if settings.registry_dir else None
         )
         self.instances: list[Instance] = []
         self._stopping = asyncio.Event()

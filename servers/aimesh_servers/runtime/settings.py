@@ -24,3 +24,6 @@ class ServerSettings(BaseSettings):
         None, description="register in this local registration folder (the embedded default)"
     )
     advertise_host: str | None = Field(None, description="address others reach us at (default: host)")
+    consul_http_addr: str | None = Field(
+        None, description="register with the Consul agent at host:port (takes precedence over registry_dir)"
+    )

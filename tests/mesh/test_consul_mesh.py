@@ -1,0 +1,159 @@
+"""A real mesh discovering through Consul (the stand-in agent, as a process): `aimesh up
+--consul` starts no model server (replicas 0); servers started on their own register
+with the agent, which health-checks them; Envoy routes to them within seconds, fails
+over when one is killed, and answers UNAVAILABLE once none is left."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Self
+
+import httpx
+import pytest
+
+import aimesh
+from tests.conftest import ROOT
+from tests.mesh.conftest import Mesh
+from tests.servers import ServerProcess
+
+MODEL = "smollm2-135m"
+HI = [("user", "Hi")]
+REGISTRY = f"""
+kind: aimesh/registry/v1
+models:
+  - id: {MODEL}
+    capability: text_generation
+    versions: [{{version: "1", source: "builtin:smollm2-135m-instruct"}}]
+    pools:
+      - {{id: primary, serve: text, replicas: 0}}
+      - {{id: backup, serve: text, replicas: 0}}
+"""
+
+
+@pytest.fixture(scope="module")
+def consul_agent() -> Iterator[str]:
+    """`python -m tests.consul_standin --port 0` as a process; yields its address."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.consul_standin", "--port", "0"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the first line, printed once it listens
+        assert "listening on" in line, line
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class RouteWatch:
+    """Polls Envoy's admin /clusters every 50 ms from a thread and timestamps each change
+    of the model's hosts: those Envoy knows (from the EDS file the controller writes) and
+    those it routes to (known and passing Envoy's own health checks)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.url = f"http://127.0.0.1:{mesh.admin_port}/clusters"
+        self.history: list[tuple[float, set[int], set[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        prefix = f"model_{MODEL}::127.0.0.1:"
+        with httpx.Client(timeout=5) as http:
+            while not self._stop.wait(0.05):
+                lines = [line.removeprefix(prefix) for line in http.get(self.url).text.splitlines()
+                         if line.startswith(prefix)]
+                known = {int(line.split("::")[0]) for line in lines}
+                routed = {int(line.split("::")[0]) for line in lines
+                          if line.endswith("::health_flags::healthy")}
+                if not self.history or self.history[-1][1:] != (known, routed):
+                    self.history.append((time.monotonic(), known, routed))
+
+    def when(self, condition: Callable[[set[int], set[int]], bool], since: float,
+             timeout: float = 15) -> float:
+        """When, from `since` on, (known, routed) first met `condition`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = list(self.history)
+            for (at, known, routed), later in zip(history, [*history[1:], None]):
+                if (later is None or later[0] > since) and condition(known, routed):
+                    return max(at, since)
+            time.sleep(0.05)
+        raise TimeoutError(f"Envoy's hosts never met the condition: {self.history}")
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def served_pool(client: aimesh.Client) -> str:
+    """The pool that answered a one-token call, or the error's code name."""
+    try:
+        return client.text.generate(MODEL, HI, max_tokens=1).served_by.pool
+    except aimesh.AimeshError as exc:
+        return exc.code.name
+
+
+def test_servers_registered_in_consul_are_routed_and_failed_over(consul_agent, tmp_path: Path):
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(REGISTRY)
+    mesh = Mesh(tmp_path / "mesh", registry, extra_args=["--consul", consul_agent])
+    env = {"AIMESH_CONSUL_HTTP_ADDR": consul_agent, "AIMESH_DRAIN_DELAY_S": "1"}
+    servers: list[ServerProcess] = []
+    try:
+        mesh.wait_ready(120)
+        assert f"discovery: Consul at {consul_agent}" in mesh.output
+        # Generous deadlines: on a busy shared machine a one-token call can take seconds.
+        with aimesh.Client(mesh.front, timeout=60) as client, RouteWatch(mesh) as envoy:
+            servers = [ServerProcess(["serve", "text", "--pool", pool], env=env)
+                       for pool in ("primary", "backup")]
+            primary, backup = servers
+            ports = [s.wait_listening() for s in servers]
+            with ThreadPoolExecutor(2) as pool:  # each thread timestamps its server's "serving" line
+                serving = list(pool.map(lambda s: (s.wait_serving(), time.monotonic())[1], servers))
+            routed = envoy.when(lambda known, routed: ports[0] in routed, since=serving[0])
+            envoy.when(lambda known, routed: routed == set(ports), since=max(serving))
+            # Right after a priority-0 host joins, Envoy may still send a call or two to
+            # priority 1 (seen here when the backup registered first): wait for the switch.
+            deadline = time.monotonic() + 60
+            while served_pool(client) != "primary":
+                assert time.monotonic() < deadline, "calls never reached the primary"
+
+            # SIGKILL the primary: calls fail over to the backup pool at once (Envoy retries
+            # onto the next priority); Envoy's health checks stop routing to it and the
+            # failing Consul check takes it out of the endpoints.
+            primary.terminate(signal.SIGKILL)
+            killed = time.monotonic()
+            pools = [served_pool(client) for _ in range(2)]
+            assert pools == ["backup", "backup"], pools
+            unrouted = envoy.when(lambda known, routed: routed == {ports[1]}, since=killed)
+            removed = envoy.when(lambda known, routed: known == {ports[1]}, since=killed)
+
+            # SIGTERM the backup: it deregisters first, so it leaves the endpoints at once.
+            backup.terminate(signal.SIGTERM)
+            drained = time.monotonic()
+            gone = envoy.when(lambda known, routed: not known, since=drained)
+            started = time.monotonic()
+            with pytest.raises(aimesh.UnavailableError):
+                client.text.generate(MODEL, HI, max_tokens=1)
+            assert time.monotonic() - started < 5, "no server left: a clean UNAVAILABLE, not a hang"
+
+        print(f"\nprimary serving -> routed by Envoy: {routed - serving[0]:.2f}s; SIGKILL -> "
+              f"unrouted: {unrouted - killed:.2f}s, out of EDS: {removed - killed:.2f}s; "
+              f"SIGTERM -> out of EDS: {gone - drained:.2f}s")
+        assert routed - serving[0] < 10 and removed - killed < 10 and gone - drained < 5
+    finally:
+        for server in servers:
+            server.terminate(signal.SIGKILL)  # the drain itself is covered by the unit tests
+            server.stop()
+        assert mesh.stop() == 0, mesh.output

@@ -1,0 +1,204 @@
+"""Consul discovery end to end against the stand-in agent (tests/consul_standin.py):
+a real `aimesh serve text` process registers itself, the agent health-checks it over
+gRPC, ConsulDiscovery's blocking queries see it come and go."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import consul
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from aimesh_servers.registry.consul import ConsulDiscovery, ConsulRegistrar, parse_http_addr
+from aimesh_servers.registry.discovery import SERVICE_NAME, Instance
+from tests.consul_standin import ConsulStandin
+from tests.servers import ServerProcess
+
+TEXT_SERVICE = "aimesh.text.v1.TextGenerationService"
+
+
+class Watcher:
+    """Runs ConsulDiscovery.watch() in a task and timestamps every list it yields."""
+
+    def __init__(self, discovery: ConsulDiscovery) -> None:
+        self.seen: list[tuple[float, list[Instance]]] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run(discovery))
+
+    async def _run(self, discovery: ConsulDiscovery) -> None:
+        async for instances in discovery.watch():
+            self.seen.append((time.monotonic(), instances))
+            self._changed.set()
+
+    async def until(self, predicate: Callable[[list[Instance]], bool], timeout: float,
+                    after: int = 0) -> float:
+        """Waits for a list yielded after the first `after` that satisfies `predicate`;
+        returns when it came."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for at, instances in self.seen[after:]:
+                    if predicate(instances):
+                        return at
+                self._changed.clear()
+                await self._changed.wait()
+
+    @property
+    def latest(self) -> list[Instance]:
+        return self.seen[-1][1] if self.seen else []
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+@pytest.fixture
+def agent() -> Iterator[ConsulStandin]:
+    with ConsulStandin() as running:
+        yield running
+
+
+@pytest.fixture
+async def watcher(agent: ConsulStandin) -> AsyncIterator[Watcher]:
+    running = Watcher(ConsulDiscovery(agent.address, wait_s=5))
+    await running.until(lambda instances: instances == [], timeout=10)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+def text_server(agent: ConsulStandin) -> Iterator[ServerProcess]:
+    server = ServerProcess(["serve", "text"], env={"AIMESH_CONSUL_HTTP_ADDR": agent.address,
+                                                   "AIMESH_DRAIN_DELAY_S": "1"})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def registrations(agent: ConsulStandin) -> list[dict[str, Any]]:
+    """Every registration, passing or not (py-consul's own client, no ?passing)."""
+    host, port, _ = parse_http_addr(agent.address)
+    with consul.Consul(host=host, port=port) as client:
+        return client.health.service(SERVICE_NAME)[1]
+
+
+async def test_server_registers_passes_once_loaded_and_leaves_on_drain(agent, watcher, text_server):
+    port = await asyncio.to_thread(text_server.wait_listening)
+    # Registered while loading (right after binding), but critical (NOT_SERVING) until the
+    # model is in: not passing.
+    async with asyncio.timeout(10):
+        while not (found := registrations(agent)):
+            await asyncio.sleep(0.05)
+    [entry] = found
+    assert entry["Service"]["ID"] == f"smollm2-135m-local-127.0.0.1-{port}"
+    assert entry["Service"]["Port"] == port and entry["Service"]["Address"] == "127.0.0.1"
+    assert "model=smollm2-135m" in entry["Service"]["Tags"]
+    [check] = [c for c in entry["Checks"] if c["ServiceID"]]
+    assert check["Type"] == "grpc" and check["Interval"] == "1s" and check["Status"] == "critical"
+    assert watcher.latest == []
+
+    await asyncio.to_thread(text_server.wait_serving)
+    serving = time.monotonic()
+    routed = await watcher.until(lambda found: [i.port for i in found] == [port], timeout=10)
+    [instance] = watcher.latest
+    assert instance == Instance(id=f"smollm2-135m-local-127.0.0.1-{port}", address="127.0.0.1",
+                                port=port, model="smollm2-135m", pool="local", version="1",
+                                grpc_service=TEXT_SERVICE)
+    assert routed - serving < 3.5, "interval 1 s plus the first check's stagger"
+
+    mark = len(watcher.seen)
+    text_server.terminate(signal.SIGTERM)
+    sent = time.monotonic()
+    gone = await watcher.until(lambda found: found == [], timeout=10, after=mark)
+    assert gone - sent < 1.0, "drain deregisters first: no check interval to wait for"
+    assert registrations(agent) == []  # deregistered, not merely critical
+    assert await asyncio.to_thread(text_server.proc.wait, 30) == 0
+    print(f"\nserving -> passing in discovery: {routed - serving:.2f}s; "
+          f"SIGTERM -> gone: {gone - sent:.3f}s")
+
+
+async def test_killed_server_turns_critical_and_leaves_passing_list(agent, watcher, text_server):
+    port = await asyncio.to_thread(text_server.wait_listening)
+    await asyncio.to_thread(text_server.wait_serving)
+    await watcher.until(lambda found: [i.port for i in found] == [port], timeout=10)
+
+    mark = len(watcher.seen)
+    text_server.terminate(signal.SIGKILL)
+    killed = time.monotonic()
+    gone = await watcher.until(lambda found: found == [], timeout=10, after=mark)
+    assert gone - killed < 3.0, "one failed check (interval 1 s, timeout 1 s)"
+    # The registration stays until DeregisterCriticalServiceAfter; its check says why.
+    [entry] = registrations(agent)
+    [check] = [c for c in entry["Checks"] if c["ServiceID"]]
+    assert check["Status"] == "critical" and "UNAVAILABLE" in check["Output"]
+    print(f"\nSIGKILL -> out of the passing list: {gone - killed:.2f}s")
+
+
+async def test_discovery_keeps_last_list_while_consul_is_down(agent, watcher, caplog):
+    caplog.set_level(logging.INFO, logger="aimesh_servers.registry.consul")
+    server = grpc.aio.server()
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await checker.set(TEXT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    instance = Instance("m-p-1", "127.0.0.1", port, "m", "p", "1", TEXT_SERVICE)
+    try:
+        await asyncio.to_thread(ConsulRegistrar(agent.address).register, instance)
+        await watcher.until(lambda found: found == [instance], timeout=10)
+        mark = len(watcher.seen)
+
+        await asyncio.to_thread(agent.stop)  # the agent goes away, connections and all
+        await asyncio.sleep(2)
+        assert "keeping the last 1 instance(s)" in caplog.text
+        assert len(watcher.seen) == mark, "an outage is not a change: Envoy keeps its endpoints"
+        # Deregistering while the agent is down is best effort: a warning, not a crash.
+        await asyncio.to_thread(ConsulRegistrar(agent.address, timeout_s=1).deregister, instance)
+        assert "could not deregister m-p-1" in caplog.text
+
+        # A fresh agent on the same port (a restarted dev agent: empty, indexes from 1).
+        with ConsulStandin(port=agent.port) as restarted:
+            await watcher.until(lambda found: found == [], timeout=15, after=mark)
+            assert "reachable again" in caplog.text
+            await asyncio.to_thread(ConsulRegistrar(restarted.address).register, instance)
+            await watcher.until(lambda found: found == [instance], timeout=10, after=mark + 1)
+    finally:
+        await server.stop(0)
+
+
+def test_standin_answers_like_consul(agent):
+    base = f"http://{agent.address}/v1"
+    with httpx.Client(timeout=10) as http:
+        first = http.get(f"{base}/health/service/{SERVICE_NAME}", params={"passing": ""})
+        index = int(first.headers["X-Consul-Index"])
+        assert first.status_code == 200 and first.json() == [] and index > 0
+        # A blocking query on the current index waits `wait` (plus at most wait/16).
+        started = time.monotonic()
+        same = http.get(f"{base}/health/service/{SERVICE_NAME}", params={"index": index, "wait": "1s"})
+        assert 1.0 <= time.monotonic() - started < 1.5 and same.headers["X-Consul-Index"] == str(index)
+        assert http.get(f"{base}/health/service/x", params={"passing": "maybe"}).status_code == 400
+        assert http.get(f"{base}/health/service/x", params={"index": "1", "wait": "soon"}).status_code == 400
+        assert http.get(f"{base}/health/service/x", params={"tag": "a"}).status_code == 400
+        assert http.put(f"{base}/agent/service/register", json={"ID": "x"}).text == "Missing service name"
+        no_tls = {"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "1s", "GRPCUseTLS": True}}
+        assert http.put(f"{base}/agent/service/register", json=no_tls).status_code == 400
+        assert http.get(f"{base}/agent/service/register").status_code == 405
+        unknown = http.put(f"{base}/agent/service/deregister/nope")
+        assert unknown.status_code == 404 and 'Unknown service ID "nope"' in unknown.text
+
+
+def test_consul_addresses_parse_like_consul_http_addr():
+    assert parse_http_addr("consul:8500") == ("consul", 8500, "http")
+    assert parse_http_addr("https://consul.internal") == ("consul.internal", 443, "https")
+    assert parse_http_addr("127.0.0.1") == ("127.0.0.1", 8500, "http")
+    for bad in ("consul:http", "ftp://consul:8500", ""):
+        with pytest.raises(ValueError):
+            parse_http_addr(bad)
