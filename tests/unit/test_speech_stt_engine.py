@@ -3,6 +3,7 @@ the real Piper voice, and openai-whisper on a tiny random-weight checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -35,7 +36,7 @@ def test_recognize_detects_the_language_and_times_the_segments(engine, speech):
     assert session.language == "en"
     assert set(WORDS) <= words_in("".join(s.text for s in segments))
     assert segments[0].start < 0.5 and segments[-1].end <= session.seconds + 0.1
-    assert all(a.end <= b.start + 0.01 for a, b in zip(segments, segments[1:]))
+    assert all(a.end <= b.start + 0.01 for a, b in itertools.pairwise(segments))
 
 
 def test_a_stream_decides_segments_that_end_inside_each_full_window(engine, speech):
