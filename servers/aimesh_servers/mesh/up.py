@@ -82,6 +82,23 @@ async def _follow(server: ServerProc) -> None:
     say(f"{server.name}: exited with {await server.proc.wait()} (log: {server.log_path})")
 
 
+async def _wait_routable(servers: list[ServerProc], controller: EndpointController,
+                         envoy_health: EnvoyHealth, timeout_s: float = 30.0) -> None:
+    """Until every server has loaded and Envoy's health checks route to it (so the first
+    call after "mesh ready" reaches the first pool of its chain)."""
+    await asyncio.gather(*(s.serving.wait() for s in servers))
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        healthy = await envoy_health.healthy_endpoints() or {}
+        pending = [i for i in controller.instances
+                   if f"{i.address}:{i.port}" not in healthy.get(f"model_{i.model}", ())]
+        if not pending:
+            return
+        await asyncio.sleep(0.2)
+    say(f"warning: Envoy does not route to {len(pending)} server(s) yet: "
+        + ", ".join(f"{i.model}/{i.pool}@{i.port}" for i in pending))
+
+
 def _select(registry: Registry, only: list[str] | None) -> Registry:
     if not only:
         return registry
@@ -125,10 +142,11 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     controller: EndpointController | None = None
+    envoy_health = EnvoyHealth(f"http://127.0.0.1:{args.admin_port}")
     control = ModelServer(
         ServerSettings(port=0, drain_delay_s=0, drain_grace_s=1, max_concurrency=256),
         [ControlCapability(registry, lambda: controller.instances if controller else [],
-                           EnvoyHealth(f"http://127.0.0.1:{args.admin_port}"))],
+                           envoy_health)],
     )
     control_port = await control.start()
     spec = MeshSpec(registry=registry, state_dir=state, control_port=control_port,
@@ -157,10 +175,9 @@ async def _run(args: argparse.Namespace) -> int:
         say(f"started {len(servers)} model server(s); loading models...")
         (state / "servers.json").write_text(json.dumps(
             [{"model": s.model.id, "pool": s.pool.id, "pid": s.proc.pid} for s in servers], indent=1))
-        all_serving = asyncio.gather(*(s.serving.wait() for s in servers))
+        ready = asyncio.ensure_future(_wait_routable(servers, controller, envoy_health))
         waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait({asyncio.ensure_future(all_serving), waiter},
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
             say(_banner(spec))
         await stop.wait()
