@@ -16,13 +16,13 @@ import io
 import statistics
 import threading
 import time
-from collections.abc import Callable
 
 import aimesh
 from aimesh_servers.runtime.runner import ModelServer
 from aimesh_servers.runtime.settings import ServerSettings
 from aimesh_servers.speech import stt, tts
 from aimesh_servers.speech.tts_engine import SynthesisRequest
+from bench_embedding import timed_round_robin  # run as a script, bench/ is on sys.path
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -34,55 +34,44 @@ SENTENCES = (
 )
 
 
-async def timed_round_robin(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per run: a warm-up each, then the runs in turn (interleaved)."""
-    async def once(run: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        result = run()
-        if asyncio.iscoroutine(result):
-            await result
-        return time.perf_counter() - start
-
-    for run in runs.values():
-        await once(run)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(await once(run))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 async def main(args: argparse.Namespace) -> None:
     settings = ServerSettings(port=0, drain_delay_s=0, drain_grace_s=1, torch_threads=args.threads)
     stt_servicer = stt.build(stt.DEFAULT_MODEL, settings)
     tts_servicer = tts.build(tts.DEFAULT_MODEL, settings)
     server = ModelServer(settings, [stt_servicer, tts_servicer])
     await server.start()  # loads both models
-    text = " ".join((SENTENCES * args.sentences)[:args.sentences])
+    text = " ".join((SENTENCES * args.sentences)[: args.sentences])
     pieces = list(tts_servicer.engine.stream(SynthesisRequest(text), threading.Event()))
     wav = b"".join(p.audio for p in pieces)
     audio_s = sum(p.seconds for p in pieces)
     whisper = stt_servicer.engine.backend.model  # the same loaded weights as the server's
 
     def direct() -> None:
-        segments, _ = whisper.transcribe(io.BytesIO(wav), language="en",
-                                         beam_size=stt_servicer.engine.beam_size)
+        segments, _ = whisper.transcribe(
+            io.BytesIO(wav), language="en", beam_size=stt_servicer.engine.beam_size
+        )
         list(segments)
 
     async with aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+
         async def recognize() -> None:
             await client.stt.recognize(stt.DEFAULT_MODEL.id, wav, language="en")
 
         async def streaming() -> None:
-            chunks = [wav[i:i + 32_000] for i in range(0, len(wav), 32_000)]
-            async for _ in client.stt.streaming_recognize(stt.DEFAULT_MODEL.id, chunks, language="en"):
+            chunks = [wav[i : i + 32_000] for i in range(0, len(wav), 32_000)]
+            async for _ in client.stt.streaming_recognize(
+                stt.DEFAULT_MODEL.id, chunks, language="en"
+            ):
                 pass
 
-        results = await timed_round_robin({
-            "faster-whisper direct (baseline)": direct,
-            "Recognize, gRPC server + SDK": recognize,
-            f"StreamingRecognize ({stt_servicer.engine.window_s:g} s windows)": streaming,
-        }, args.repeats)
+        results = await timed_round_robin(
+            {
+                "faster-whisper direct (baseline)": direct,
+                "Recognize, gRPC server + SDK": recognize,
+                f"StreamingRecognize ({stt_servicer.engine.window_s:g} s windows)": streaming,
+            },
+            args.repeats,
+        )
 
         firsts, wholes = [], []
         for _ in range(args.repeats + 1):
@@ -95,15 +84,23 @@ async def main(args: argparse.Namespace) -> None:
     await server.drain()
 
     base = results["faster-whisper direct (baseline)"]
-    print(f"STT: Whisper base int8, {audio_s:.1f} s of Piper speech ({args.sentences} sentences), "
-          f"{args.threads} threads, median of {args.repeats}")
+    print(
+        f"STT: Whisper base int8, {audio_s:.1f} s of Piper speech ({args.sentences} sentences), "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     for name, seconds in results.items():
-        print(f"  {name:40s} RTF {seconds / audio_s:.3f}   x{base / seconds:.2f} of the baseline speed")
+        print(
+            f"  {name:40s} RTF {seconds / audio_s:.3f}   x{base / seconds:.2f} of the baseline speed"
+        )
     first, whole = statistics.median(firsts[1:]), statistics.median(wholes[1:])
-    print(f"TTS: Piper en_US-joe-medium through the server, {len(text)} characters -> {audio_s:.1f} s")
+    print(
+        f"TTS: Piper en_US-joe-medium through the server, {len(text)} characters -> {audio_s:.1f} s"
+    )
     print(f"  first audio chunk {first * 1000:7.0f} ms")
-    print(f"  whole synthesis   {whole * 1000:7.0f} ms   (first chunk at {first / whole:.0%} of it; "
-          f"RTF {whole / audio_s:.3f})")
+    print(
+        f"  whole synthesis   {whole * 1000:7.0f} ms   (first chunk at {first / whole:.0%} of it; "
+        f"RTF {whole / audio_s:.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ import soundfile
 
 # Two sentences whose words Whisper base hears reliably from the Piper voice, whose
 # sampling noise makes every synthesis a little different ("Paris" came back "pairs").
-SENTENCES = ("The quick brown fox jumps over the lazy dog.", "The sun was shining on the green hills.")
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "The sun was shining on the green hills.",
+)
 WORDS = ("brown", "fox", "jumps", "lazy", "dog", "shining", "green", "hills")
 
 

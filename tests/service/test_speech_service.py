@@ -29,7 +29,9 @@ WINDOW_S = 3.0
 @pytest.fixture(scope="module")
 async def served():
     # A short streaming window and audio limit, so tests see both with little audio.
-    engine = SttEngine(stt.DEFAULT_MODEL.source, window_s=WINDOW_S, limits=EngineLimits(MAX_AUDIO_S))
+    engine = SttEngine(
+        stt.DEFAULT_MODEL.source, window_s=WINDOW_S, limits=EngineLimits(MAX_AUDIO_S)
+    )
     stt_servicer = SpeechToTextServicer(stt.DEFAULT_MODEL, engine, "local")
     tts_servicer = tts.build(tts.DEFAULT_MODEL, ServerSettings())
     async with in_process_server([stt_servicer, tts_servicer], max_concurrency=2) as (server, _):
@@ -85,8 +87,14 @@ async def test_recognize_reads_each_format(served, speech, fmt):
     _, _, client = served
     samples, rate = read(speech)
     if fmt == "PCM":
-        out = await client.stt.recognize(STT, pcm_s16le(samples), encoding="pcm_s16le",
-                                         sample_rate_hz=rate, language="en", word_timestamps=True)
+        out = await client.stt.recognize(
+            STT,
+            pcm_s16le(samples),
+            encoding="pcm_s16le",
+            sample_rate_hz=rate,
+            language="en",
+            word_timestamps=True,
+        )
         words = [w for s in out.segments for w in s.words]
         assert [w.text.strip(" .").lower() for w in words[:3]] == ["the", "quick", "brown"]
         times = [w.start.ToTimedelta().total_seconds() for w in words]
@@ -108,7 +116,7 @@ async def test_streaming_recognize_decides_segments_while_audio_still_arrives(se
             if i + chunk >= len(speech):  # the last chunk waits for a decided segment
                 await asyncio.wait_for(first_segment.wait(), 60)
             events.append("chunk")
-            yield speech[i:i + chunk]
+            yield speech[i : i + chunk]
 
     replies = []
     async for reply in client.stt.streaming_recognize(STT, chunks(), language="en"):
@@ -117,7 +125,8 @@ async def test_streaming_recognize_decides_segments_while_audio_still_arrives(se
             events.append("segment")
             first_segment.set()
     assert events.index("segment") < len(events) - 1 - events[::-1].index("chunk"), (
-        "a segment came back before the last chunk was sent")
+        "a segment came back before the last chunk was sent"
+    )
     segments = [r.segment for r in replies if r.HasField("segment")]
     assert len(segments) >= 2
     starts = [s.start.ToTimedelta().total_seconds() for s in segments]
@@ -134,11 +143,15 @@ async def test_streaming_recognize_decides_segments_while_audio_still_arrives(se
 async def test_list_voices_speed_and_output_formats(served):
     _, _, client = served
     voices = (await client.tts.list_voices(TTS)).voices
-    assert [(v.id, list(v.languages), v.sample_rate_hz) for v in voices] == [("en_US-joe-medium", ["en"], 22050)]
+    assert [(v.id, list(v.languages), v.sample_rate_hz) for v in voices] == [
+        ("en_US-joe-medium", ["en"], 22050)
+    ]
     text = "Speak slowly. Then speak fast."
     pcm = await _speak(client, text, format="pcm_s16le", voice="en_US-joe-medium", language="en-US")
     raw = b"".join(p.audio_chunk for p in pcm)
-    assert len(raw) % 2 == 0 and len(raw) / 2 / 22050 == pytest.approx(pcm[-1].usage.output_units, abs=0.01)
+    assert len(raw) % 2 == 0 and len(raw) / 2 / 22050 == pytest.approx(
+        pcm[-1].usage.output_units, abs=0.01
+    )
     ogg = await _speak(client, text, format="ogg")
     for piece in ogg[:-1]:  # each piece is a whole Ogg Vorbis file
         samples, rate = soundfile.read(io.BytesIO(piece.audio_chunk))
@@ -160,7 +173,9 @@ async def test_first_audio_leaves_before_the_last_sentence_and_cancel_stops_synt
     await asyncio.sleep(1.0)
     stopped_at = engine.sentences_synthesized - before
     await asyncio.sleep(1.0)
-    assert engine.sentences_synthesized - before == stopped_at < 12, "synthesis went on after cancel"
+    assert engine.sentences_synthesized - before == stopped_at < 12, (
+        "synthesis went on after cancel"
+    )
     assert server.limit.in_flight == 0
 
 
@@ -174,21 +189,64 @@ def _raw_pcm_too_long() -> bytes:
         (lambda wav: _sized(wav)[:-999], {}, "INVALID_ARGUMENT", "UNSUPPORTED_MEDIA", "audio"),
         (lambda wav: wav[:30], {}, "INVALID_ARGUMENT", "UNSUPPORTED_MEDIA", "audio"),
         (lambda wav: _corrupt_flac(wav), {}, "INVALID_ARGUMENT", "UNSUPPORTED_MEDIA", "audio"),
-        (lambda wav: b"\x89PNG\r\n\x1a\n" + bytes(200), {}, "INVALID_ARGUMENT", "UNSUPPORTED_MEDIA", "audio"),
+        (
+            lambda wav: b"\x89PNG\r\n\x1a\n" + bytes(200),
+            {},
+            "INVALID_ARGUMENT",
+            "UNSUPPORTED_MEDIA",
+            "audio",
+        ),
         (lambda wav: b"", {}, "INVALID_ARGUMENT", "INVALID_FIELD", "audio"),
-        (lambda wav: bytes(3200), {"encoding": "pcm_s16le"}, "INVALID_ARGUMENT", "INVALID_FIELD",
-         "config.sample_rate_hz"),
-        (lambda wav: bytes(3200), {"encoding": "pcm_s16le", "sample_rate_hz": 1000}, "OUT_OF_RANGE",
-         "INVALID_FIELD", "config.sample_rate_hz"),
-        (lambda wav: bytes(3201), {"encoding": "pcm_s16le", "sample_rate_hz": 16000}, "INVALID_ARGUMENT",
-         "UNSUPPORTED_MEDIA", "audio"),
-        (lambda wav: _raw_pcm_too_long(), {"encoding": "pcm_s16le", "sample_rate_hz": 8000}, "OUT_OF_RANGE",
-         "INVALID_FIELD", "audio"),
-        (lambda wav: wav, {"language": "xx"}, "INVALID_ARGUMENT", "INVALID_FIELD", "config.language"),
+        (
+            lambda wav: bytes(3200),
+            {"encoding": "pcm_s16le"},
+            "INVALID_ARGUMENT",
+            "INVALID_FIELD",
+            "config.sample_rate_hz",
+        ),
+        (
+            lambda wav: bytes(3200),
+            {"encoding": "pcm_s16le", "sample_rate_hz": 1000},
+            "OUT_OF_RANGE",
+            "INVALID_FIELD",
+            "config.sample_rate_hz",
+        ),
+        (
+            lambda wav: bytes(3201),
+            {"encoding": "pcm_s16le", "sample_rate_hz": 16000},
+            "INVALID_ARGUMENT",
+            "UNSUPPORTED_MEDIA",
+            "audio",
+        ),
+        (
+            lambda wav: _raw_pcm_too_long(),
+            {"encoding": "pcm_s16le", "sample_rate_hz": 8000},
+            "OUT_OF_RANGE",
+            "INVALID_FIELD",
+            "audio",
+        ),
+        (
+            lambda wav: wav,
+            {"language": "xx"},
+            "INVALID_ARGUMENT",
+            "INVALID_FIELD",
+            "config.language",
+        ),
         (lambda wav: wav, {"encoding": 7}, "INVALID_ARGUMENT", "INVALID_FIELD", "config.encoding"),
     ],
-    ids=["truncated-wav", "wav-header-only", "corrupt-flac", "png", "empty", "pcm-without-rate",
-         "pcm-rate-1000", "pcm-odd-bytes", "too-long", "unknown-language", "unknown-encoding"],
+    ids=[
+        "truncated-wav",
+        "wav-header-only",
+        "corrupt-flac",
+        "png",
+        "empty",
+        "pcm-without-rate",
+        "pcm-rate-1000",
+        "pcm-odd-bytes",
+        "too-long",
+        "unknown-language",
+        "unknown-encoding",
+    ],
 )
 async def test_bad_audio_gets_a_clear_error_and_the_server_keeps_serving(
     served, short, make, kwargs, code, reason, field
@@ -210,7 +268,7 @@ def _sized(wav: bytes) -> bytes:
 def _corrupt_flac(wav: bytes) -> bytes:
     samples, rate = read(wav)
     flac = bytearray(encode(samples, rate, "FLAC"))
-    flac[len(flac) // 3:len(flac) // 3 + 1000] = np.random.default_rng(0).bytes(1000)
+    flac[len(flac) // 3 : len(flac) // 3 + 1000] = np.random.default_rng(0).bytes(1000)
     return bytes(flac)
 
 
@@ -222,17 +280,46 @@ def _config(**kwargs) -> stt_pb.StreamingRecognizeRequest:
     ("make", "code", "reason", "field"),
     [
         (lambda wav: [], "INVALID_ARGUMENT", "INVALID_FIELD", "config"),
-        (lambda wav: [stt_pb.StreamingRecognizeRequest(audio_chunk=wav)], "INVALID_ARGUMENT",
-         "INVALID_FIELD", "config"),
+        (
+            lambda wav: [stt_pb.StreamingRecognizeRequest(audio_chunk=wav)],
+            "INVALID_ARGUMENT",
+            "INVALID_FIELD",
+            "config",
+        ),
         (lambda wav: [_config()], "INVALID_ARGUMENT", "INVALID_FIELD", "audio_chunk"),
-        (lambda wav: [_config(), stt_pb.StreamingRecognizeRequest(audio_chunk=_sized(wav)[:-999])],
-         "INVALID_ARGUMENT", "UNSUPPORTED_MEDIA", "audio_chunk"),
-        (lambda wav: [_config(encoding=stt_pb.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=8000),
-                      stt_pb.StreamingRecognizeRequest(audio_chunk=_raw_pcm_too_long())],
-         "OUT_OF_RANGE", "INVALID_FIELD", "audio_chunk"),
-        (lambda wav: [_config(language="klingon")], "INVALID_ARGUMENT", "INVALID_FIELD", "config.language"),
+        (
+            lambda wav: [
+                _config(),
+                stt_pb.StreamingRecognizeRequest(audio_chunk=_sized(wav)[:-999]),
+            ],
+            "INVALID_ARGUMENT",
+            "UNSUPPORTED_MEDIA",
+            "audio_chunk",
+        ),
+        (
+            lambda wav: [
+                _config(encoding=stt_pb.AUDIO_ENCODING_PCM_S16LE, sample_rate_hz=8000),
+                stt_pb.StreamingRecognizeRequest(audio_chunk=_raw_pcm_too_long()),
+            ],
+            "OUT_OF_RANGE",
+            "INVALID_FIELD",
+            "audio_chunk",
+        ),
+        (
+            lambda wav: [_config(language="klingon")],
+            "INVALID_ARGUMENT",
+            "INVALID_FIELD",
+            "config.language",
+        ),
     ],
-    ids=["no-message", "audio-before-config", "no-audio", "truncated-wav", "too-long", "unknown-language"],
+    ids=[
+        "no-message",
+        "audio-before-config",
+        "no-audio",
+        "truncated-wav",
+        "too-long",
+        "unknown-language",
+    ],
 )
 async def test_bad_streams_get_a_clear_error_and_the_server_keeps_serving(
     served, short, make, code, reason, field
@@ -262,8 +349,16 @@ async def test_bad_streams_get_a_clear_error_and_the_server_keeps_serving(
         ("Hi.", {"speed": 0.0}, "OUT_OF_RANGE", "INVALID_FIELD", "speed"),
         ("Hi.", {"format": 9}, "INVALID_ARGUMENT", "INVALID_FIELD", "format"),
     ],
-    ids=["empty", "punctuation-only", "too-long", "unknown-voice", "unknown-language", "too-fast",
-         "zero-speed", "unknown-format"],
+    ids=[
+        "empty",
+        "punctuation-only",
+        "too-long",
+        "unknown-voice",
+        "unknown-language",
+        "too-fast",
+        "zero-speed",
+        "unknown-format",
+    ],
 )
 async def test_bad_synthesis_gets_a_clear_error_and_the_server_keeps_serving(
     served, text, kwargs, code, reason, field
@@ -296,12 +391,14 @@ async def test_blocking_client_streams_both_ways(served, speech):
     def use() -> tuple[list, list]:
         with aimesh.Client(f"127.0.0.1:{server.port}", max_attempts=1) as client:
             spoken = list(client.tts.synthesize(TTS, "Good morning.", format="wav"))
-            chunks = (speech[i:i + 32_000] for i in range(0, len(speech), 32_000))
+            chunks = (speech[i : i + 32_000] for i in range(0, len(speech), 32_000))
             heard = list(client.stt.streaming_recognize(STT, chunks))
         return spoken, heard
 
     spoken, heard = await asyncio.to_thread(use)
-    assert spoken[0].audio_chunk[:4] == b"RIFF" and spoken[-1].usage.input_units == len("Good morning.")
+    assert spoken[0].audio_chunk[:4] == b"RIFF" and spoken[-1].usage.input_units == len(
+        "Good morning."
+    )
     assert {"fox", "hills"} <= words_in("".join(r.segment.text for r in heard))
     assert heard[-1].usage.input_units > 4
 

@@ -25,13 +25,15 @@ def as_file(samples: np.ndarray, fmt: str, subtype: str, rate: int = RATE) -> by
     return out.getvalue()
 
 
-def decode(data: bytes, encoding: str = "file", rate: int = 0, max_seconds: float = 60) -> np.ndarray:
+def decode(
+    data: bytes, encoding: str = "file", rate: int = 0, max_seconds: float = 60
+) -> np.ndarray:
     return audio.decode(data, encoding, rate, field="audio", max_seconds=max_seconds)
 
 
 def chunked(data: bytes, size: int, encoding: str = "file", rate: int = 0) -> np.ndarray:
     decoder = audio.AudioDecoder(encoding, rate, field="audio_chunk", max_seconds=60)
-    parts = [decoder.feed(data[i:i + size]) for i in range(0, len(data), size)]
+    parts = [decoder.feed(data[i : i + size]) for i in range(0, len(data), size)]
     return np.concatenate([*parts, decoder.finish()])
 
 
@@ -41,9 +43,17 @@ def at_16k(samples: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("fmt", "subtype", "kind"),
-    [("WAV", "PCM_16", "wav"), ("WAV", "PCM_24", "wav"), ("WAV", "PCM_32", "wav"), ("WAV", "PCM_U8", "wav"),
-     ("WAV", "FLOAT", "wav"), ("WAV", "DOUBLE", "wav"), ("FLAC", "PCM_16", "flac"),
-     ("OGG", "VORBIS", "ogg"), ("MP3", "MPEG_LAYER_III", "mp3")],
+    [
+        ("WAV", "PCM_16", "wav"),
+        ("WAV", "PCM_24", "wav"),
+        ("WAV", "PCM_32", "wav"),
+        ("WAV", "PCM_U8", "wav"),
+        ("WAV", "FLOAT", "wav"),
+        ("WAV", "DOUBLE", "wav"),
+        ("FLAC", "PCM_16", "flac"),
+        ("OGG", "VORBIS", "ogg"),
+        ("MP3", "MPEG_LAYER_III", "mp3"),
+    ],
 )
 def test_each_container_decodes_to_16k_mono_whole_and_in_chunks(fmt, subtype, kind):
     reference = at_16k(tone())
@@ -99,9 +109,20 @@ def test_open_ended_wav_reads_to_the_end():
         (lambda wav: b"RIFF", "too few"),
         (lambda wav: _corrupt(as_file(tone(), "FLAC", "PCM_16")), "could not decode the FLAC"),
         (lambda wav: as_file(tone(), "FLAC", "PCM_16")[:60], "could not decode the FLAC"),
+        (lambda wav: _half(as_file(tone(), "MP3", "MPEG_LAYER_III")), "MP3 audio is truncated"),
     ],
-    ids=["truncated-data", "header-only", "half-a-sample", "no-fmt", "adpcm", "png", "tiny", "corrupt-flac",
-         "flac-header-only"],
+    ids=[
+        "truncated-data",
+        "header-only",
+        "half-a-sample",
+        "no-fmt",
+        "adpcm",
+        "png",
+        "tiny",
+        "corrupt-flac",
+        "flac-header-only",
+        "truncated-mp3",
+    ],
 )
 def test_broken_files_are_unsupported_media_naming_the_field(make, match):
     data = make(as_file(tone(), "WAV", "PCM_16"))
@@ -111,9 +132,13 @@ def test_broken_files_are_unsupported_media_naming_the_field(make, match):
         assert caught.value.field in ("audio", "audio_chunk")
 
 
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
 def _corrupt(data: bytes) -> bytes:
     broken = bytearray(data)
-    broken[len(broken) // 3:len(broken) // 3 + 2000] = np.random.default_rng(1).bytes(2000)
+    broken[len(broken) // 3 : len(broken) // 3 + 2000] = np.random.default_rng(1).bytes(2000)
     return bytes(broken)
 
 
@@ -123,6 +148,8 @@ def test_empty_and_too_long_audio():
     with pytest.raises(OutOfRange) as too_long:
         decode(audio.to_s16le(tone(3.0)), "pcm_s16le", RATE, max_seconds=2.5)
     assert too_long.value.metadata["max_seconds"] == "2.5"
+    with pytest.raises(OutOfRange):  # a compressed file, refused from its header
+        decode(as_file(tone(3.0), "FLAC", "PCM_16"), max_seconds=2.5)
     # A stream is stopped as soon as it passes the limit, not at its end.
     decoder = audio.AudioDecoder("pcm_s16le", RATE, field="audio_chunk", max_seconds=1.0)
     decoder.feed(audio.to_s16le(tone(0.9)))

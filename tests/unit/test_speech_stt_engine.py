@@ -19,7 +19,9 @@ from tests.speech_audio import SENTENCES, WORDS, words_in
 def speech() -> bytes:
     tts = TtsEngine("builtin:piper-voices")
     tts.load()
-    return b"".join(p.audio for p in tts.stream(SynthesisRequest(" ".join(SENTENCES)), threading.Event()))
+    return b"".join(
+        p.audio for p in tts.stream(SynthesisRequest(" ".join(SENTENCES)), threading.Event())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,22 +42,30 @@ def test_recognize_detects_the_language_and_times_the_segments(engine, speech):
 
 
 def test_a_stream_decides_segments_that_end_inside_each_full_window(engine, speech):
-    session = engine.session(RecognitionOptions(language="EN-us", word_timestamps=True), field="audio_chunk")
+    session = engine.session(
+        RecognitionOptions(language="EN-us", word_timestamps=True), field="audio_chunk"
+    )
     decisions = []  # (audio heard when deciding, segments decided)
     for i in range(0, len(speech), 8192):
-        if session.feed(speech[i:i + 8192]):
+        if session.feed(speech[i : i + 8192]):
             decisions.append((session.seconds, list(session.decide(threading.Event()))))
     rest = list(session.finish(threading.Event()))
-    assert decisions[0][0] == pytest.approx(3.0, abs=0.2), "the first decision once 3 s were buffered"
+    assert decisions[0][0] == pytest.approx(3.0, abs=0.2), (
+        "the first decision once 3 s were buffered"
+    )
     assert any(segments for _, segments in decisions), "segments were decided before the end"
     for heard, segments in decisions:
         assert all(s.end <= heard for s in segments), "nothing decided past the buffer's end"
     segments = [s for _, batch in decisions for s in batch] + rest
     assert set(WORDS) <= words_in("".join(s.text for s in segments))
     starts = [s.start for s in segments]
-    assert starts[0] < 0.5 and starts == sorted(starts) and segments[-1].end <= session.seconds + 0.1
+    assert (
+        starts[0] < 0.5 and starts == sorted(starts) and segments[-1].end <= session.seconds + 0.1
+    )
     words = [w for s in segments for w in s.words]
-    assert [w.start for w in words] == sorted(w.start for w in words), "word times shift with the window"
+    assert [w.start for w in words] == sorted(w.start for w in words), (
+        "word times shift with the window"
+    )
 
 
 def test_unknown_languages_are_refused_before_any_audio(engine):

@@ -22,7 +22,11 @@ def engine() -> TtsEngine:
 
 def test_sentences_split_at_ends_and_long_ones_at_commas():
     assert split_sentences(" Hi there.  How are you?\nFine; thanks!", 100) == [
-        "Hi there.", "How are you?", "Fine;", "thanks!"]
+        "Hi there.",
+        "How are you?",
+        "Fine;",
+        "thanks!",
+    ]
     assert split_sentences("Version 2.5 is out.", 100) == ["Version 2.5 is out."]
     long = split_sentences("one, two, three, four, five", 12)
     assert long == ["one, two,", "three, four,", "five"]
@@ -46,7 +50,9 @@ def test_stream_speaks_each_sentence_in_the_asked_format(engine):
     assert [p.text for p in wav] == ["The first sentence.", "And a second one!"]
     assert wav[0].audio.startswith(wav_header(22050)) and not wav[1].audio.startswith(b"RIFF")
     samples, rate = read(b"".join(p.audio for p in wav))
-    assert rate == 22050 and len(samples) / rate == pytest.approx(sum(p.seconds for p in wav), abs=0.01)
+    assert rate == 22050 and len(samples) / rate == pytest.approx(
+        sum(p.seconds for p in wav), abs=0.01
+    )
     assert np.abs(samples).max() > 0.1, "audible"
     ogg = list(engine.stream(SynthesisRequest(text, format="ogg"), threading.Event()))
     assert all(p.audio[:4] == b"OggS" for p in ogg)
@@ -56,8 +62,13 @@ def test_stream_speaks_each_sentence_in_the_asked_format(engine):
 
 def test_speed_scales_the_duration(engine):
     def seconds(speed: float) -> float:
-        return sum(p.seconds for p in engine.stream(
-            SynthesisRequest("A sentence of moderate length.", speed=speed), threading.Event()))
+        return sum(
+            p.seconds
+            for p in engine.stream(
+                SynthesisRequest("A sentence of moderate length.", speed=speed), threading.Event()
+            )
+        )
+
     normal, fast, slow = seconds(1.0), seconds(2.0), seconds(0.5)
     assert fast < 0.7 * normal < normal < 0.7 * slow
 

@@ -40,7 +40,9 @@ def sniff(head: bytes) -> str | None:
 
 
 def _mono(samples: np.ndarray) -> np.ndarray:
-    return samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples.astype(np.float32)
+    return (
+        samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples.astype(np.float32)
+    )
 
 
 class _WavReader:
@@ -62,19 +64,19 @@ class _WavReader:
     def _parse_header(self) -> None:
         buf, pos = self.buffer, 12
         while pos + 8 <= len(buf):
-            chunk_id, size = bytes(buf[pos:pos + 4]), struct.unpack_from("<I", buf, pos + 4)[0]
+            chunk_id, size = bytes(buf[pos : pos + 4]), struct.unpack_from("<I", buf, pos + 4)[0]
             if chunk_id == b"data":
                 if not self._code:
                     raise self._bad("its data chunk comes before a 'fmt ' chunk")
                 self._remaining = None if size in _OPEN_ENDED else size
-                del buf[:pos + 8]
+                del buf[: pos + 8]
                 self._in_data = True
                 return
             end = pos + 8 + size + (size & 1)
             if end > len(buf):
                 break  # the rest of this chunk has not arrived yet
             if chunk_id == b"fmt ":
-                self._read_format(bytes(buf[pos + 8:pos + 8 + size]))
+                self._read_format(bytes(buf[pos + 8 : pos + 8 + size]))
             pos = end
         if len(buf) > _MAX_WAV_HEADER:
             raise self._bad(f"no data chunk in its first {_MAX_WAV_HEADER} bytes")
@@ -85,14 +87,27 @@ class _WavReader:
         tag, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", fmt)
         if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag leads its GUID
             tag = struct.unpack_from("<H", fmt, 24)[0]
-        codes = {(1, 8): "u1", (1, 16): "<i2", (1, 24): "i3", (1, 32): "<i4", (3, 32): "<f4", (3, 64): "<f8"}
+        codes = {
+            (1, 8): "u1",
+            (1, 16): "<i2",
+            (1, 24): "i3",
+            (1, 32): "<i4",
+            (3, 32): "<f4",
+            (3, 64): "<f8",
+        }
         if (tag, bits) not in codes:
             raise UnsupportedMedia(
                 f"WAV sample format {tag}/{bits}-bit is not supported; use integer PCM or float",
                 field=self.field,
             )
-        if channels < 1 or not MIN_PCM_RATE // 2 <= rate <= 192_000 or block_align != channels * bits // 8:
-            raise self._bad(f"its format says {channels} channels at {rate} Hz, block {block_align}")
+        if (
+            channels < 1
+            or not MIN_PCM_RATE // 2 <= rate <= 192_000
+            or block_align != channels * bits // 8
+        ):
+            raise self._bad(
+                f"its format says {channels} channels at {rate} Hz, block {block_align}"
+            )
         self.rate, self.channels, self._width = rate, channels, bits // 8
         self._code = codes[(tag, bits)]
 
@@ -114,7 +129,9 @@ class _WavReader:
             self._parse_header()
             if not self._in_data:
                 return np.zeros(0, np.float32)
-        take = len(self.buffer) if self._remaining is None else min(len(self.buffer), self._remaining)
+        take = (
+            len(self.buffer) if self._remaining is None else min(len(self.buffer), self._remaining)
+        )
         take -= take % (self._width * self.channels)
         raw = bytes(self.buffer[:take])
         del self.buffer[:take]
@@ -128,7 +145,9 @@ class _WavReader:
         if not self._in_data:
             raise self._bad("it ends inside its header")
         if self._remaining:
-            raise self._bad(f"it is truncated: {self._remaining} bytes of its data chunk are missing")
+            raise self._bad(
+                f"it is truncated: {self._remaining} bytes of its data chunk are missing"
+            )
         if self.buffer:
             raise self._bad("it ends in the middle of a sample")
 
@@ -138,8 +157,10 @@ class _Resampler:
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
-        self._inner = None if rate == WHISPER_RATE else av.AudioResampler(
-            format="flt", layout="mono", rate=WHISPER_RATE
+        self._inner = (
+            None
+            if rate == WHISPER_RATE
+            else av.AudioResampler(format="flt", layout="mono", rate=WHISPER_RATE)
         )
 
     def _frames(self, frames: list[av.AudioFrame]) -> np.ndarray:
@@ -149,13 +170,18 @@ class _Resampler:
     def push(self, samples: np.ndarray) -> np.ndarray:
         if self._inner is None or not len(samples):
             return samples
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples).reshape(1, -1),
-                                           format="flt", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples).reshape(1, -1), format="flt", layout="mono"
+        )
         frame.sample_rate = self.rate
         return self._frames(self._inner.resample(frame))
 
     def flush(self) -> np.ndarray:
-        return np.zeros(0, np.float32) if self._inner is None else self._frames(self._inner.resample(None))
+        return (
+            np.zeros(0, np.float32)
+            if self._inner is None
+            else self._frames(self._inner.resample(None))
+        )
 
 
 class AudioDecoder:
@@ -166,8 +192,15 @@ class AudioDecoder:
     UnsupportedMedia for what cannot be decoded and OutOfRange past `max_seconds`.
     """
 
-    def __init__(self, encoding: str, sample_rate_hz: int, *, field: str, max_seconds: float,
-                 rate_field: str = "config.sample_rate_hz") -> None:
+    def __init__(
+        self,
+        encoding: str,
+        sample_rate_hz: int,
+        *,
+        field: str,
+        max_seconds: float,
+        rate_field: str = "config.sample_rate_hz",
+    ) -> None:
         self.encoding, self.field, self.max_seconds = encoding, field, max_seconds
         self.kind: str | None = "pcm" if encoding == "pcm_s16le" else None
         self.bytes_in = 0
@@ -191,13 +224,17 @@ class AudioDecoder:
     def seconds(self) -> float:
         return self.samples_out / WHISPER_RATE
 
-    def _out(self, samples: np.ndarray) -> np.ndarray:
-        self.samples_out += len(samples)
-        if self.seconds > self.max_seconds:
+    def _check_length(self, seconds: float) -> None:
+        if seconds > self.max_seconds:
             raise OutOfRange(
-                f"the audio is longer than the limit of {self.max_seconds:g} s", field=self.field,
+                f"the audio is longer than the limit of {self.max_seconds:g} s",
+                field=self.field,
                 metadata={"max_seconds": f"{self.max_seconds:g}"},
             )
+
+    def _out(self, samples: np.ndarray) -> np.ndarray:
+        self.samples_out += len(samples)
+        self._check_length(self.seconds)
         return samples
 
     def _start(self, rate: int) -> None:
@@ -221,15 +258,17 @@ class AudioDecoder:
             if self.kind is None:
                 raise UnsupportedMedia(
                     "the audio is not a WAV, FLAC, MP3 or OGG file; for raw PCM set "
-                    "encoding AUDIO_ENCODING_PCM_S16LE and sample_rate_hz", field=self.field,
+                    "encoding AUDIO_ENCODING_PCM_S16LE and sample_rate_hz",
+                    field=self.field,
                 )
             if self.kind == "wav":
                 self._wav = _WavReader(self.field)
                 head, self._head = bytes(self._head), bytearray()
                 return self._feed_wav(head)
         if len(self._head) > MAX_COMPRESSED_BYTES:
-            raise OutOfRange(f"compressed audio is limited to {MAX_COMPRESSED_BYTES} bytes",
-                             field=self.field)
+            raise OutOfRange(
+                f"compressed audio is limited to {MAX_COMPRESSED_BYTES} bytes", field=self.field
+            )
         return np.zeros(0, np.float32)
 
     def _feed_wav(self, data: bytes) -> np.ndarray:
@@ -246,11 +285,15 @@ class AudioDecoder:
         decided = np.zeros(0, np.float32)
         if self.kind == "pcm":
             if self._head:
-                raise UnsupportedMedia("s16le PCM must have an even number of bytes", field=self.field)
+                raise UnsupportedMedia(
+                    "s16le PCM must have an even number of bytes", field=self.field
+                )
         elif self.kind == "wav":
             self._wav.finish()
         elif self.kind is None:
-            raise UnsupportedMedia(f"{self.bytes_in} bytes are too few for an audio file", field=self.field)
+            raise UnsupportedMedia(
+                f"{self.bytes_in} bytes are too few for an audio file", field=self.field
+            )
         else:
             samples, rate = self._decode_container()
             self._start(rate)
@@ -262,17 +305,30 @@ class AudioDecoder:
 
     def _decode_container(self) -> tuple[np.ndarray, int]:
         try:
-            samples, rate = soundfile.read(io.BytesIO(bytes(self._head)), dtype="float32", always_2d=True)
+            with soundfile.SoundFile(io.BytesIO(bytes(self._head))) as file:
+                # The header's length (an estimate for MP3): a long file fails before decoding.
+                self._check_length(file.frames / file.samplerate)
+                samples, rate = file.read(dtype="float32", always_2d=True), file.samplerate
         except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
-            raise UnsupportedMedia(f"could not decode the {self.kind.upper()} audio: {exc}",
-                                   field=self.field) from exc
+            raise UnsupportedMedia(
+                f"could not decode the {self.kind.upper()} audio: {exc}", field=self.field
+            ) from exc
         self._head.clear()
+        if len(samples) < file.frames - rate // 10:  # e.g. an MP3 whose Xing header says more
+            raise UnsupportedMedia(
+                f"the {self.kind.upper()} audio is truncated: {len(samples)} of {file.frames} samples",
+                field=self.field,
+            )
         if not len(samples):
-            raise UnsupportedMedia(f"the {self.kind.upper()} audio holds no samples", field=self.field)
+            raise UnsupportedMedia(
+                f"the {self.kind.upper()} audio holds no samples", field=self.field
+            )
         return _mono(samples), rate
 
 
-def decode(data: bytes, encoding: str, sample_rate_hz: int, *, field: str, max_seconds: float) -> np.ndarray:
+def decode(
+    data: bytes, encoding: str, sample_rate_hz: int, *, field: str, max_seconds: float
+) -> np.ndarray:
     """A whole audio file (or PCM buffer) as 16 kHz mono float32."""
     decoder = AudioDecoder(encoding, sample_rate_hz, field=field, max_seconds=max_seconds)
     head = decoder.feed(data)
@@ -281,11 +337,17 @@ def decode(data: bytes, encoding: str, sample_rate_hz: int, *, field: str, max_s
 
 # ---- out ---------------------------------------------------------------------------
 
+
 def wav_header(rate: int) -> bytes:
     """A mono s16le WAV header whose sizes say 'until the end': the audio follows in pieces."""
-    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt "
-            + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
-            + b"data" + struct.pack("<I", 0xFFFFFFFF))
+    return (
+        b"RIFF"
+        + struct.pack("<I", 0xFFFFFFFF)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", 0xFFFFFFFF)
+    )
 
 
 def to_s16le(samples: np.ndarray) -> bytes:

@@ -12,4 +12,6 @@ def build(model: ServedModel, settings: ServerSettings):
     from .stt_engine import SttEngine
     from .stt_servicer import SpeechToTextServicer
 
-    return SpeechToTextServicer(model, SttEngine(model.source, threads=settings.torch_threads), settings.pool)
+    return SpeechToTextServicer(
+        model, SttEngine(model.source, threads=settings.torch_threads), settings.pool
+    )

@@ -52,7 +52,9 @@ class Segment:
 
     def shifted(self, offset: float) -> Segment:
         return replace(
-            self, start=self.start + offset, end=self.end + offset,
+            self,
+            start=self.start + offset,
+            end=self.end + offset,
             words=tuple(replace(w, start=w.start + offset, end=w.end + offset) for w in self.words),
         )
 
@@ -65,8 +67,13 @@ class EngineLimits:
 class _Backend(Protocol):
     languages: frozenset[str]
 
-    def transcribe(self, samples: np.ndarray, language: str | None, word_timestamps: bool,
-                   cancel: threading.Event) -> tuple[str, Iterator[Segment]]:
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        language: str | None,
+        word_timestamps: bool,
+        cancel: threading.Event,
+    ) -> tuple[str, Iterator[Segment]]:
         """(language spoken, segments as Whisper decides them); stops early once `cancel` is set."""
 
 
@@ -78,8 +85,13 @@ class _FasterWhisper:
         self.languages = frozenset(self.model.supported_languages)
         self.beam_size = beam_size
 
-    def transcribe(self, samples: np.ndarray, language: str | None, word_timestamps: bool,
-                   cancel: threading.Event) -> tuple[str, Iterator[Segment]]:
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        language: str | None,
+        word_timestamps: bool,
+        cancel: threading.Event,
+    ) -> tuple[str, Iterator[Segment]]:
         # Language detection runs here; the segments are decoded lazily, window by window.
         segments, info = self.model.transcribe(
             samples, language=language, word_timestamps=word_timestamps, beam_size=self.beam_size
@@ -87,9 +99,12 @@ class _FasterWhisper:
 
         def decided() -> Iterator[Segment]:
             for s in segments:
-                yield Segment(s.text, s.start, s.end, tuple(
-                    Word(w.word, w.start, w.end, w.probability) for w in s.words or ()
-                ))
+                yield Segment(
+                    s.text,
+                    s.start,
+                    s.end,
+                    tuple(Word(w.word, w.start, w.end, w.probability) for w in s.words or ()),
+                )
                 if cancel.is_set():  # ends the generator: no further window is decoded
                     return
 
@@ -110,18 +125,33 @@ class _OpenAIWhisper:
         self.languages = frozenset(LANGUAGES if self.model.is_multilingual else ("en",))
         self.beam_size = beam_size
 
-    def transcribe(self, samples: np.ndarray, language: str | None, word_timestamps: bool,
-                   cancel: threading.Event) -> tuple[str, Iterator[Segment]]:
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        language: str | None,
+        word_timestamps: bool,
+        cancel: threading.Event,
+    ) -> tuple[str, Iterator[Segment]]:
         options = {"beam_size": self.beam_size} if self.beam_size > 1 else {}
         result = self.whisper.transcribe(
-            self.model, samples, language=language, word_timestamps=word_timestamps,
-            fp16=False, verbose=None, **options,
+            self.model,
+            samples,
+            language=language,
+            word_timestamps=word_timestamps,
+            fp16=False,
+            verbose=None,
+            **options,
         )
         segments = [
-            Segment(s["text"], float(s["start"]), float(s["end"]), tuple(
-                Word(w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
-                for w in s.get("words", ())
-            ))
+            Segment(
+                s["text"],
+                float(s["start"]),
+                float(s["end"]),
+                tuple(
+                    Word(w["word"], float(w["start"]), float(w["end"]), float(w["probability"]))
+                    for w in s.get("words", ())
+                ),
+            )
             for s in result["segments"]
         ]
         return result["language"], iter(segments)
@@ -143,7 +173,8 @@ class SttEngine:
             checkpoint = next(iter(sorted(path.glob("*.pt"))), None)
         # Anything else is for faster-whisper: a CTranslate2 folder, a size name or a hub id.
         self.backend: _Backend = (
-            _OpenAIWhisper(checkpoint, self.threads, self.beam_size) if checkpoint
+            _OpenAIWhisper(checkpoint, self.threads, self.beam_size)
+            if checkpoint
             else _FasterWhisper(str(path), self.threads, self.beam_size)
         )
 
@@ -155,8 +186,12 @@ class SttEngine:
                 f"language {options.language!r} is not one this model knows; leave it empty to detect it",
                 field="config.language",
             )
-        decoder = AudioDecoder(options.encoding, options.sample_rate_hz, field=field,
-                               max_seconds=self.limits.max_audio_s)
+        decoder = AudioDecoder(
+            options.encoding,
+            options.sample_rate_hz,
+            field=field,
+            max_seconds=self.limits.max_audio_s,
+        )
         return RecognitionSession(self, decoder, language, options.word_timestamps)
 
 
@@ -226,7 +261,7 @@ class RecognitionSession:
         else:
             cut = min(max(cut, 0.0), buffered)
         self._offset += cut
-        self._buffer = self._buffer[int(cut * WHISPER_RATE):]
+        self._buffer = self._buffer[int(cut * WHISPER_RATE) :]
 
     def finish(self, cancel: threading.Event) -> Iterator[Segment]:
         """After the last chunk: raises for broken audio, then decides the rest."""

@@ -37,9 +37,18 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 def _segment(segment: Segment) -> pb.Segment:
     return pb.Segment(
-        text=segment.text, start=_duration(segment.start), end=_duration(segment.end),
-        words=[pb.Word(text=w.text, start=_duration(w.start), end=_duration(w.end),
-                       probability=w.probability) for w in segment.words],
+        text=segment.text,
+        start=_duration(segment.start),
+        end=_duration(segment.end),
+        words=[
+            pb.Word(
+                text=w.text,
+                start=_duration(w.start),
+                end=_duration(w.end),
+                probability=w.probability,
+            )
+            for w in segment.words
+        ],
     )
 
 
@@ -63,18 +72,26 @@ class SpeechToTextServicer(pb_grpc.SpeechToTextServiceServicer):
 
     def _session(self, config: pb.RecognitionConfig, field: str) -> RecognitionSession:
         if config.encoding not in ENCODINGS:
-            raise InvalidArgument(f"unknown audio encoding {config.encoding}", field="config.encoding")
+            raise InvalidArgument(
+                f"unknown audio encoding {config.encoding}", field="config.encoding"
+            )
         options = RecognitionOptions(
-            encoding=ENCODINGS[config.encoding], sample_rate_hz=config.sample_rate_hz,
-            language=config.language, word_timestamps=config.word_timestamps,
+            encoding=ENCODINGS[config.encoding],
+            sample_rate_hz=config.sample_rate_hz,
+            language=config.language,
+            word_timestamps=config.word_timestamps,
         )
         return self.engine.session(options, field=field)
 
-    def _served(self, model: str, version: str, context: grpc.aio.ServicerContext) -> common_pb2.ServedBy:
+    def _served(
+        self, model: str, version: str, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ServedBy:
         asked = requested_model(model, context)
         return served_by(resolve_model(self.models, asked, version), self.pool, asked)
 
-    async def Recognize(self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext) -> pb.RecognizeResponse:
+    async def Recognize(
+        self, request: pb.RecognizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecognizeResponse:
         served = self._served(request.model, request.model_version, context)
         session = self._session(request.config, "audio")
         await asyncio.to_thread(session.load, request.audio)  # broken audio fails before any header
@@ -83,15 +100,21 @@ class SpeechToTextServicer(pb_grpc.SpeechToTextServiceServicer):
         return pb.RecognizeResponse(
             text="".join(s.text for s in segments).strip(),
             segments=[_segment(s) for s in segments],
-            language=session.language, usage=_usage(session), served_by=served,
+            language=session.language,
+            usage=_usage(session),
+            served_by=served,
         )
 
     async def StreamingRecognize(
-        self, requests: AsyncIterator[pb.StreamingRecognizeRequest], context: grpc.aio.ServicerContext
+        self,
+        requests: AsyncIterator[pb.StreamingRecognizeRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamingRecognizeResponse]:
         first = await anext(aiter(requests), None)
         if first is None:
-            raise InvalidArgument("the stream ended before its first message (the config)", field="config")
+            raise InvalidArgument(
+                "the stream ended before its first message (the config)", field="config"
+            )
         if not first.HasField("config"):
             raise InvalidArgument("the first message must carry the config", field="config")
         served = self._served(first.model, first.model_version, context)
@@ -106,7 +129,13 @@ class SpeechToTextServicer(pb_grpc.SpeechToTextServiceServicer):
         async for chunk in chunks():
             if chunk and await asyncio.to_thread(session.feed, chunk):
                 async for segment in iterate_in_thread(session.decide):
-                    yield pb.StreamingRecognizeResponse(segment=_segment(segment), language=session.language)
+                    yield pb.StreamingRecognizeResponse(
+                        segment=_segment(segment), language=session.language
+                    )
         async for segment in iterate_in_thread(session.finish):
-            yield pb.StreamingRecognizeResponse(segment=_segment(segment), language=session.language)
-        yield pb.StreamingRecognizeResponse(language=session.language, usage=_usage(session), served_by=served)
+            yield pb.StreamingRecognizeResponse(
+                segment=_segment(segment), language=session.language
+            )
+        yield pb.StreamingRecognizeResponse(
+            language=session.language, usage=_usage(session), served_by=served
+        )

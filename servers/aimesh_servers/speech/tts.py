@@ -12,4 +12,6 @@ def build(model: ServedModel, settings: ServerSettings):
     from .tts_engine import TtsEngine
     from .tts_servicer import TextToSpeechServicer
 
-    return TextToSpeechServicer(model, TtsEngine(model.source, threads=settings.torch_threads), settings.pool)
+    return TextToSpeechServicer(
+        model, TtsEngine(model.source, threads=settings.torch_threads), settings.pool
+    )

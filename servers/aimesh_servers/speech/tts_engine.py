@@ -40,7 +40,8 @@ class VoiceNotFound(ModelNotFound):
         AimeshError.__init__(
             self,
             f"voice {voice!r} does not exist; available: {', '.join(sorted(available))}",
-            field="voice", metadata={"voice": voice, "available": ",".join(sorted(available))},
+            field="voice",
+            metadata={"voice": voice, "available": ",".join(sorted(available))},
         )
 
 
@@ -73,7 +74,7 @@ def split_sentences(text: str, max_chars: int) -> list[str]:
     for sentence in _SENTENCE_END.split(text.strip()):
         sentence = sentence.strip()
         while len(sentence) > max_chars:
-            head = sentence[:max_chars + 1]  # a break right after the limit still fits
+            head = sentence[: max_chars + 1]  # a break right after the limit still fits
             cut = head.rfind(", ") + 1 or head.rfind(" ")
             if cut <= 0:
                 cut = max_chars
@@ -113,8 +114,12 @@ class PiperVoice:
     def phonemes(self, sentence: str) -> str:
         """IPA for one sentence; espeak-ng's clause breaks become commas."""
         done = subprocess.run(
-            ["espeak-ng", "-q", "--ipa", "-v", self.espeak_voice], input=sentence,
-            capture_output=True, text=True, timeout=30, check=False,
+            ["espeak-ng", "-q", "--ipa", "-v", self.espeak_voice],
+            input=sentence,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         if done.returncode != 0:
             raise EngineFailure(f"espeak-ng failed ({done.returncode}): {done.stderr.strip()}")
@@ -136,12 +141,16 @@ class PiperVoice:
         if not phonemes:
             return np.zeros(0, np.float32)
         ids = self.ids(phonemes)
-        audio = self.session.run(None, {
-            "input": np.array([ids], dtype=np.int64),
-            "input_lengths": np.array([len(ids)], dtype=np.int64),
-            "scales": np.array([self.noise_scale, self.length_scale / speed, self.noise_w],
-                               dtype=np.float32),
-        })[0]
+        audio = self.session.run(
+            None,
+            {
+                "input": np.array([ids], dtype=np.int64),
+                "input_lengths": np.array([len(ids)], dtype=np.int64),
+                "scales": np.array(
+                    [self.noise_scale, self.length_scale / speed, self.noise_w], dtype=np.float32
+                ),
+            },
+        )[0]
         return audio.reshape(-1)
 
 
@@ -177,7 +186,8 @@ class TtsEngine:
         if len(request.text) > self.limits.max_chars:
             raise OutOfRange(
                 f"text is {len(request.text)} characters; the limit is {self.limits.max_chars}",
-                field="text", metadata={"max_chars": str(self.limits.max_chars)},
+                field="text",
+                metadata={"max_chars": str(self.limits.max_chars)},
             )
         voice = self.voice(request.voice)
         if request.language and _language(request.language) != voice.language:
@@ -186,8 +196,9 @@ class TtsEngine:
                 field="language",
             )
         if not MIN_SPEED <= request.speed <= MAX_SPEED:
-            raise OutOfRange(f"speed must be in [{MIN_SPEED}, {MAX_SPEED}], got {request.speed:g}",
-                             field="speed")
+            raise OutOfRange(
+                f"speed must be in [{MIN_SPEED}, {MAX_SPEED}], got {request.speed:g}", field="speed"
+            )
         if request.format not in FORMATS:
             raise InvalidArgument(f"format must be one of {', '.join(FORMATS)}", field="format")
 

@@ -46,28 +46,41 @@ class TextToSpeechServicer(pb_grpc.TextToSpeechServiceServicer):
         self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.SynthesizeResponse]:
         asked = requested_model(request.model, context)
-        served = served_by(resolve_model(self.models, asked, request.model_version), self.pool, asked)
+        served = served_by(
+            resolve_model(self.models, asked, request.model_version), self.pool, asked
+        )
         if request.format not in FORMATS:
             raise InvalidArgument(f"unknown output format {request.format}", field="format")
         synthesis = SynthesisRequest(
-            text=request.text, voice=request.voice, language=request.language,
-            speed=request.speed if request.HasField("speed") else 1.0, format=FORMATS[request.format],
+            text=request.text,
+            voice=request.voice,
+            language=request.language,
+            speed=request.speed if request.HasField("speed") else 1.0,
+            format=FORMATS[request.format],
         )
         self.engine.validate(synthesis)  # fail before any header is sent
         await send_served_by(context, served)
         seconds, rate = 0.0, self.engine.voice(synthesis.voice).sample_rate
         async for piece in iterate_in_thread(lambda cancel: self.engine.stream(synthesis, cancel)):
             seconds += piece.seconds
-            yield pb.SynthesizeResponse(audio_chunk=piece.audio, sample_rate_hz=rate, text=piece.text)
+            yield pb.SynthesizeResponse(
+                audio_chunk=piece.audio, sample_rate_hz=rate, text=piece.text
+            )
         yield pb.SynthesizeResponse(
-            sample_rate_hz=rate, served_by=served,
-            usage=common_pb2.Usage(unit="characters", input_units=len(synthesis.text),
-                                   output_units=round(seconds, 3)),
+            sample_rate_hz=rate,
+            served_by=served,
+            usage=common_pb2.Usage(
+                unit="characters", input_units=len(synthesis.text), output_units=round(seconds, 3)
+            ),
         )
 
-    async def ListVoices(self, request: pb.ListVoicesRequest, context: grpc.aio.ServicerContext) -> pb.ListVoicesResponse:
+    async def ListVoices(
+        self, request: pb.ListVoicesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListVoicesResponse:
         resolve_model(self.models, requested_model(request.model, context))
-        return pb.ListVoicesResponse(voices=[
-            pb.Voice(id=v.id, languages=[v.language], sample_rate_hz=v.sample_rate)
-            for v in self.engine.voices.values()
-        ])
+        return pb.ListVoicesResponse(
+            voices=[
+                pb.Voice(id=v.id, languages=[v.language], sample_rate_hz=v.sample_rate)
+                for v in self.engine.voices.values()
+            ]
+        )
