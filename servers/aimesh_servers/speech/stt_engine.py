@@ -246,20 +246,20 @@ class RecognitionSession:
         buffered = len(self._buffer) / WHISPER_RATE
         self._fresh = 0
         held: Segment | None = None
-        cut = 0.0
+        cut, decided = 0.0, 0  # seconds from the buffer's start that are decided; segments
         for segment in self._transcribe(cancel):
             if held is not None:
                 yield held.shifted(self._offset)
-                cut = min(segment.start, held.end)
+                cut, decided = min(segment.start, held.end), decided + 1
             held = segment
         if held is None:  # nothing said: keep only a tail where a word may be starting
-            cut = max(0.0, buffered - self.engine.tail_s)
-        elif cut == 0.0:  # one segment: decide it unless it may still be going on
-            if held.end < buffered - self.engine.tail_s or buffered >= 2 * self.engine.window_s:
-                yield held.shifted(self._offset)
-                cut = min(held.end, buffered)
-        else:
-            cut = min(max(cut, 0.0), buffered)
+            cut = buffered - self.engine.tail_s
+        elif not decided and (
+            held.end < buffered - self.engine.tail_s or buffered >= 2 * self.engine.window_s
+        ):  # a lone segment is decided once it ended before the tail (or the buffer is long)
+            yield held.shifted(self._offset)
+            cut = held.end
+        cut = min(max(cut, 0.0), buffered)
         self._offset += cut
         self._buffer = self._buffer[int(cut * WHISPER_RATE) :]
 
