@@ -115,12 +115,18 @@ def test_servers_registered_in_consul_are_routed_and_failed_over(consul_agent, t
         assert f"discovery: Consul at {consul_agent}" in mesh.output
         # Generous deadlines: on a busy shared machine a one-token call can take seconds.
         with aimesh.Client(mesh.front, timeout=60) as client, RouteWatch(mesh) as envoy:
-            servers = [ServerProcess(["serve", "text", "--pool", pool], env=env)
-                       for pool in ("primary", "backup")]
+            # The backup registers a host name, as compose services do (AIMESH_ADVERTISE_HOST):
+            # the agent checks it by name, the mesh resolves it for Envoy (IP literals only).
+            servers = [ServerProcess(["serve", "text", "--pool", "primary"], env=env),
+                       ServerProcess(["serve", "text", "--pool", "backup"],
+                                     env={**env, "AIMESH_ADVERTISE_HOST": "localhost"})]
             primary, backup = servers
             ports = [s.wait_listening() for s in servers]
             with ThreadPoolExecutor(2) as pool:  # each thread timestamps its server's "serving" line
                 serving = list(pool.map(lambda s: (s.wait_serving(), time.monotonic())[1], servers))
+            registered = httpx.get(f"http://{consul_agent}/v1/health/service/aimesh-model-server",
+                                   timeout=5).json()
+            assert sorted(e["Service"]["Address"] for e in registered) == ["127.0.0.1", "localhost"]
             routed = envoy.when(lambda known, routed: ports[0] in routed, since=serving[0])
             envoy.when(lambda known, routed: routed == set(ports), since=max(serving))
             # Right after a priority-0 host joins, Envoy may still send a call or two to

@@ -1,0 +1,98 @@
+"""The deployment pieces no Docker engine runs here: compose.yml validated by the real
+docker-compose (apt, installed by scripts/setup.sh), its services checked against the
+compose registry, and deploy/Dockerfile's install kept in step with scripts/setup.sh."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aimesh_servers.registry.schema import Registry, load_registry
+from tests.conftest import ROOT
+
+COMPOSE = ROOT / "compose.yml"
+REGISTRY = ROOT / "deploy" / "registry.yaml"
+
+
+def docker_compose_config(path: Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("docker-compose")
+    assert binary, "docker-compose is missing: scripts/setup.sh installs it (apt)"
+    return subprocess.run([binary, "-f", str(path), "config"], capture_output=True, text=True, check=False,
+                          timeout=60, cwd=path.parent)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())  # merge keys (<<) resolved like compose does
+
+
+def test_docker_compose_accepts_the_file_and_rejects_a_broken_one(tmp_path):
+    valid = docker_compose_config(COMPOSE)
+    assert valid.returncode == 0, valid.stderr
+    assert {"consul", "mesh", "redis", "postgres", "text"} <= set(yaml.safe_load(valid.stdout)["services"])
+    broken = tmp_path / "compose.yml"
+    broken.write_text("services:\n  a:\n    image: x\n    depends_on:\n      b: {condition: bogus}\n")
+    assert docker_compose_config(broken).returncode != 0  # the validation is not a rubber stamp
+
+
+def _without_replicas(registry: Registry) -> list[dict]:
+    return [{**model.model_dump(), "pools": [p.model_dump(exclude={"replicas"}) for p in model.pools]}
+            for model in registry.models]
+
+
+def test_compose_registry_is_the_builtin_one_with_no_servers_started():
+    compose_registry = load_registry(REGISTRY)
+    assert all(pool.replicas == 0 for model in compose_registry.models for pool in model.pools)
+    assert _without_replicas(compose_registry) == _without_replicas(load_registry())
+
+
+def test_every_registered_model_has_a_server_that_registers_with_consul(compose):
+    services = compose["services"]
+    for model in load_registry(REGISTRY).models:
+        for pool in model.pools:
+            [name] = [n for n, s in services.items()
+                      if s.get("command", [])[:3] == ["aimesh", "serve", pool.serve]]
+            server = services[name]
+            assert server["command"][3:] == ["--model", model.id]
+            assert server["environment"] == {
+                "AIMESH_CONSUL_HTTP_ADDR": "consul:8500", "AIMESH_HOST": "0.0.0.0",
+                "AIMESH_PORT": "50051", "AIMESH_POOL": pool.id, "AIMESH_ADVERTISE_HOST": name}
+            assert server["depends_on"]["consul"]["condition"] == "service_healthy"
+            assert "model-cache:/cache" in server["volumes"] and server["healthcheck"]["test"]
+
+
+def test_mesh_discovers_through_consul_and_stateful_services_are_checked(compose):
+    services = compose["services"]
+    mesh = services["mesh"]
+    command = " ".join(mesh["command"])
+    assert "aimesh up --consul consul:8500 --listen 0.0.0.0" in command
+    assert "./deploy/registry.yaml:/etc/aimesh/registry.yaml:ro" in mesh["volumes"]
+    assert "--registry /etc/aimesh/registry.yaml" in command
+    assert mesh["build"]["dockerfile"] == "deploy/Dockerfile" and mesh["ports"] == ["8080:8080"]
+    for name, image in (("consul", "hashicorp/consul:"), ("redis", "redis:"), ("postgres", "postgres:")):
+        assert services[name]["image"].startswith(image) and services[name]["healthcheck"]["test"]
+        assert any(":/" in v and not v.startswith(".") for v in services[name]["volumes"]), name
+        assert {"condition": "service_healthy"} == mesh["depends_on"][name]
+    assert "./consul/agent.hcl:/consul/config/agent.hcl:ro" in services["consul"]["volumes"]
+
+
+def _setup_sh_list(name: str) -> list[str]:
+    """Every word of NAME=(...) and NAME+=(...) in scripts/setup.sh."""
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    return [word for group in re.findall(rf"^{name}\+?=\(([^)]*)\)", setup, re.MULTILINE)
+            for word in group.split()]
+
+
+def test_dockerfile_installs_what_setup_sh_installs():
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in dockerfile
+    assert '"torch==2.13.0"' in (ROOT / "pyproject.toml").read_text()
+    for package in _setup_sh_list("MODEL_PACKAGES"):
+        assert package in dockerfile, f"{package} (scripts/setup.sh) is not installed by the image"
+    for package in set(_setup_sh_list("APT_PACKAGES")) - {"docker-compose"}:  # the image needs no compose
+        assert package in dockerfile, f"apt {package} (scripts/setup.sh) is not installed by the image"
