@@ -138,16 +138,15 @@ def test_sigkill_of_the_primary_under_load_loses_no_call(chain):
     finally:
         primary.stop()
         secondary.stop()
-    before = [r for r in results if r.at < killed_at]
+    # Calls that ended before the kill; those in flight at the kill were retried elsewhere.
+    before = [r for r in results if r.at + r.latency < killed_at]
     during = [r for r in results if killed_at <= r.at < killed_at + 3]
     after = [r for r in results if r.at >= killed_at + 3]
     for label, rows in (("before", before), ("kill+0-3s", during), ("after", after)):
         print(summary(f"SIGKILL {label}", rows))
     failed = [r for r in results if r.pool is None]
     assert not failed, f"{len(failed)} calls failed: {failed[:3]}"
-    # Before the kill the primary serves (a health check timing out on a starved CI machine
-    # may briefly spill a call to the secondary: that is fallback working, not a fault).
-    assert sum(r.pool == "primary" for r in before) >= 0.8 * len(before)
+    assert before and {r.pool for r in before} == {"primary"}
     assert after and {r.pool for r in after} == {"secondary"}
     # Once ejected, the dead primary costs nothing: calls reach the secondary at the first try.
     late = [e for e in access_log(chain) if e["model"] == "chat" and e["pool"] == "secondary"][-20:]

@@ -28,14 +28,17 @@ def test_envoy_accepts_the_generated_config_for_the_default_registry(tmp_path):
     assert "OK" in result.stdout
 
 
-def test_pools_become_priorities_in_chain_order_without_gaps(tmp_path):
+def test_pools_become_fixed_priorities_in_chain_order(tmp_path):
     chat = load_registry(write(tmp_path, GOOD)).get("chat")
     both = load_assignment(chat, [instance("cloud", 2), instance("primary", 1), instance("primary", 3)])
     groups = both["resources"][0]["endpoints"]
     assert [(g["priority"], g["locality"]["zone"]) for g in groups] == [(0, "primary"), (1, "cloud")]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in groups[0]["lb_endpoints"]] == [1, 3]
+    # An empty pool keeps its level, so the cloud server stays at priority 1 as others come and go.
     only_cloud = load_assignment(chat, [instance("cloud", 2), instance("primary", 9, model="other")])
-    assert [(g["priority"], g["locality"]["zone"]) for g in only_cloud["resources"][0]["endpoints"]] == [(0, "cloud")]
+    groups = only_cloud["resources"][0]["endpoints"]
+    assert [(g["priority"], g["locality"]["zone"], len(g["lb_endpoints"])) for g in groups] == [
+        (0, "primary", 0), (1, "cloud", 1)]
 
 
 def test_controller_rewrites_only_changed_clusters_atomically(tmp_path):

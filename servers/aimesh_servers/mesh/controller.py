@@ -27,20 +27,15 @@ log = logging.getLogger(__name__)
 
 def load_assignment(model: Model, instances: Iterable[Instance]) -> dict[str, Any]:
     mine = [i for i in instances if i.model == model.id]
-    endpoints = []
-    for priority, pool in enumerate(model.pools):
-        members = sorted(i for i in mine if i.pool == pool.id)
-        if not members:
-            continue
-        endpoints.append({
-            "priority": priority,
-            "locality": {"zone": pool.id},
-            "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                "address": i.address, "port_value": i.port}}}} for i in members],
-        })
-    # Envoy wants priorities without gaps: renumber 0..n-1, keeping the chain's order.
-    for number, group in enumerate(endpoints):
-        group["priority"] = number
+    # One priority level per pool, always (empty when the pool has no server): a server
+    # never moves between levels as others come and go, so Envoy's view stays stable.
+    endpoints = [{
+        "priority": priority,
+        "locality": {"zone": pool.id},
+        "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+            "address": i.address, "port_value": i.port}}}}
+            for i in sorted(i for i in mine if i.pool == pool.id)],
+    } for priority, pool in enumerate(model.pools)]
     return {
         "resources": [{
             "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
