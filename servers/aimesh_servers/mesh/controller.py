@@ -41,6 +41,9 @@ def load_assignment(model: Model, instances: Iterable[Instance]) -> dict[str, An
             "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
             "cluster_name": model.cluster,
             "endpoints": endpoints,
+            # A chain falls back only when a pool has no healthy server, not when a few of
+            # its servers are down (Envoy's default factor 1.4 would spill load early).
+            "policy": {"overprovisioning_factor": 100_000},
         }]
     }
 

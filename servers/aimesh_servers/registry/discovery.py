@@ -56,7 +56,9 @@ class Discovery(Protocol):
 
 
 class LocalRegistrar:
-    """One JSON file per instance in a folder; written atomically (rename)."""
+    """One JSON file per instance in a folder; written atomically (rename). It records the
+    server's pid: a server killed without draining (SIGKILL, OOM) leaves its file behind,
+    and discovery drops it once the process is gone, like Consul reaping a dead service."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -65,11 +67,21 @@ class LocalRegistrar:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(instance), f)
+            json.dump({**asdict(instance), "pid": os.getpid()}, f)
         os.replace(tmp, self.folder / f"{instance.id}.json")
 
     def deregister(self, instance: Instance) -> None:
         (self.folder / f"{instance.id}.json").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 class LocalDiscovery:
@@ -83,9 +95,15 @@ class LocalDiscovery:
         instances = []
         for path in sorted(self.folder.glob("*.json")):
             try:
-                instances.append(Instance(**json.loads(path.read_text())))
+                fields = json.loads(path.read_text())
+                pid = fields.pop("pid", None)
+                instance = Instance(**fields)
             except (OSError, ValueError, TypeError):
                 continue  # removed or half-visible between listing and reading
+            if pid is not None and not _alive(pid):
+                path.unlink(missing_ok=True)
+                continue
+            instances.append(instance)
         return instances
 
     async def watch(self) -> AsyncIterator[list[Instance]]:
