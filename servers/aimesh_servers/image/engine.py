@@ -24,7 +24,7 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, Dif
 from PIL import Image, ImageOps
 
 from ..models import builtin
-from ..runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia
+from ..runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia, media_detail
 
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 SEED_SPACE = 2**63  # seeds are int64 on the wire; image i of a request uses seed + i
@@ -225,7 +225,7 @@ class ImageEngine:
             image = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
         except (OSError, SyntaxError, ValueError) as exc:
             raise UnsupportedMedia(
-                f"image is not a readable PNG, JPEG or WebP file: {exc}", field="image"
+                f"image is not a readable PNG, JPEG or WebP file{media_detail(exc)}", field="image"
             ) from exc
         except Image.DecompressionBombError as exc:
             raise OutOfRange(f"image is too large: {exc}", field="image") from exc

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from aimesh.common.v1 import common_pb2
@@ -120,5 +120,7 @@ class UpstreamFailure(AimeshError):
     reason = common_pb2.ERROR_REASON_UPSTREAM_FAILURE
 
 
-def status_code_name(code: int) -> str:
-    return code_pb2.Code.Name(code)
+def media_detail(exc: Exception) -> str:
+    """': <why>' for a decoder's error, unless it only repeats the buffer's repr."""
+    text = str(exc)
+    return "" if not text or "<_io." in text else f": {text}"

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from ..models import builtin
-from ..runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia
+from ..runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia, media_detail
 
 TASKS = ("caption", "ocr")
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
@@ -183,7 +183,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise OutOfRange(f"image has too many pixels: {exc}", field="image") from exc
     except Exception as exc:  # Pillow raises many types on hostile bytes: all mean "not an image"
         raise UnsupportedMedia(
-            f"image is not a readable {', '.join(FORMATS)} image: {exc}", field="image",
+            f"image is not a readable {', '.join(FORMATS)} image{media_detail(exc)}", field="image",
             metadata={"formats": ",".join(FORMATS)},
         ) from exc
     if width * height > max_pixels:
