@@ -6,13 +6,12 @@ import threading
 from collections.abc import Iterator
 
 import grpc
-
 from aimesh.common.v1 import common_pb2
 from aimesh.embedding.v1 import embedding_pb2 as pb
 from aimesh.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
 from ..runtime.service import (
-    ServedModel,
+    EngineServicer,
     requested_model,
     resolve_model,
     send_served_by,
@@ -22,19 +21,10 @@ from ..runtime.streams import iterate_in_thread
 from .engine import EmbeddingEngine, EmbedRequest, EmbedResult
 
 
-class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    service_names = (pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,)
-
-    def __init__(self, model: ServedModel, engine: EmbeddingEngine, pool: str) -> None:
-        self.models = (model,)
-        self.engine = engine
-        self.pool = pool
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_EmbeddingServiceServicer_to_server(self, server)
-
-    def load(self) -> None:
-        self.engine.load()
+class EmbeddingServicer(EngineServicer, pb_grpc.EmbeddingServiceServicer):
+    service = pb.DESCRIPTOR.services_by_name["EmbeddingService"]
+    register = staticmethod(pb_grpc.add_EmbeddingServiceServicer_to_server)
+    engine: EmbeddingEngine
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         asked = requested_model(request.model, context)

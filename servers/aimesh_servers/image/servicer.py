@@ -11,7 +11,7 @@ from aimesh.image.v1 import image_generation_pb2 as pb
 from aimesh.image.v1 import image_generation_pb2_grpc as pb_grpc
 
 from ..runtime.service import (
-    ServedModel,
+    EngineServicer,
     requested_model,
     resolve_model,
     send_served_by,
@@ -25,19 +25,10 @@ ImageCallRequest = pb.GenerateImageRequest | pb.TransformImageRequest
 ImageCallResponse = pb.GenerateImageResponse | pb.TransformImageResponse
 
 
-class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
-    service_names = (pb.DESCRIPTOR.services_by_name["ImageGenerationService"].full_name,)
-
-    def __init__(self, model: ServedModel, engine: ImageEngine, pool: str) -> None:
-        self.models = (model,)
-        self.engine = engine
-        self.pool = pool
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_ImageGenerationServiceServicer_to_server(self, server)
-
-    def load(self) -> None:
-        self.engine.load()
+class ImageGenerationServicer(EngineServicer, pb_grpc.ImageGenerationServiceServicer):
+    service = pb.DESCRIPTOR.services_by_name["ImageGenerationService"]
+    register = staticmethod(pb_grpc.add_ImageGenerationServiceServicer_to_server)
+    engine: ImageEngine
 
     @staticmethod
     def _request(req: ImageCallRequest) -> ImageRequest:

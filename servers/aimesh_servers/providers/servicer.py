@@ -12,30 +12,26 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
-
 from aimesh.common.v1 import common_pb2
 from aimesh.text.v1 import text_generation_pb2 as pb
 from aimesh.text.v1 import text_generation_pb2_grpc as pb_grpc
 
-from ..runtime.service import ServedModel, requested_model, resolve_model, send_served_by, served_by
+from ..runtime.service import (
+    EngineServicer,
+    requested_model,
+    resolve_model,
+    send_served_by,
+    served_by,
+)
 from ..text.contract import generate_response, generation_request, stream_response
 from ..text.request import GenerationChunk
 from .openai_compat import OpenAICompatEngine
 
 
-class ProviderTextServicer(pb_grpc.TextGenerationServiceServicer):
-    service_names = (pb.DESCRIPTOR.services_by_name["TextGenerationService"].full_name,)
-
-    def __init__(self, model: ServedModel, engine: OpenAICompatEngine, pool: str) -> None:
-        self.models = (model,)
-        self.engine = engine
-        self.pool = pool
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_TextGenerationServiceServicer_to_server(self, server)
-
-    def load(self) -> None:
-        self.engine.load()
+class ProviderTextServicer(EngineServicer, pb_grpc.TextGenerationServiceServicer):
+    service = pb.DESCRIPTOR.services_by_name["TextGenerationService"]
+    register = staticmethod(pb_grpc.add_TextGenerationServiceServicer_to_server)
+    engine: OpenAICompatEngine
 
     def _start(
         self, req: pb.GenerateRequest | pb.StreamGenerateRequest, context: grpc.aio.ServicerContext

@@ -4,13 +4,13 @@ and the model ids it serves."""
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 import grpc
-
 from aimesh.common.v1 import common_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 
 from .errors import InvalidArgument, ModelNotFound
 
@@ -97,3 +97,27 @@ async def send_served_by(context: grpc.aio.ServicerContext, served: common_pb2.S
         ("x-aimesh-pool", served.pool),
         ("x-aimesh-random-weights", "true" if served.random_weights else "false"),
     ))
+
+
+class EngineServicer:
+    """What every capability servicer shares: the model it answers for, its engine (loaded
+    by the runner, in a worker thread, before the server reports SERVING) and the pool
+    name it reports. Subclasses name their gRPC service and its generated registrar."""
+
+    service: ClassVar[ServiceDescriptor]
+    register: ClassVar[Callable[[Any, grpc.aio.Server], None]]
+
+    def __init__(self, model: ServedModel, engine: Any, pool: str) -> None:
+        self.models = (model,)
+        self.engine = engine
+        self.pool = pool
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        return (self.service.full_name,)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        self.register(self, server)
+
+    def load(self) -> None:
+        self.engine.load()

@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2
 
 from ..runtime.errors import InvalidArgument
 from ..runtime.service import (
-    ServedModel,
+    EngineServicer,
     requested_model,
     resolve_model,
     send_served_by,
@@ -56,19 +56,10 @@ def _usage(session: RecognitionSession) -> common_pb2.Usage:
     return common_pb2.Usage(unit="audio_seconds", input_units=round(session.seconds, 3))
 
 
-class SpeechToTextServicer(pb_grpc.SpeechToTextServiceServicer):
-    service_names = (pb.DESCRIPTOR.services_by_name["SpeechToTextService"].full_name,)
-
-    def __init__(self, model: ServedModel, engine: SttEngine, pool: str) -> None:
-        self.models = (model,)
-        self.engine = engine
-        self.pool = pool
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_SpeechToTextServiceServicer_to_server(self, server)
-
-    def load(self) -> None:
-        self.engine.load()
+class SpeechToTextServicer(EngineServicer, pb_grpc.SpeechToTextServiceServicer):
+    service = pb.DESCRIPTOR.services_by_name["SpeechToTextService"]
+    register = staticmethod(pb_grpc.add_SpeechToTextServiceServicer_to_server)
+    engine: SttEngine
 
     def _session(self, config: pb.RecognitionConfig, field: str) -> RecognitionSession:
         if config.encoding not in ENCODINGS:

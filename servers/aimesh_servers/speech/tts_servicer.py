@@ -11,7 +11,7 @@ from aimesh.speech.v1 import text_to_speech_pb2_grpc as pb_grpc
 
 from ..runtime.errors import InvalidArgument
 from ..runtime.service import (
-    ServedModel,
+    EngineServicer,
     requested_model,
     resolve_model,
     send_served_by,
@@ -28,19 +28,10 @@ FORMATS = {
 }
 
 
-class TextToSpeechServicer(pb_grpc.TextToSpeechServiceServicer):
-    service_names = (pb.DESCRIPTOR.services_by_name["TextToSpeechService"].full_name,)
-
-    def __init__(self, model: ServedModel, engine: TtsEngine, pool: str) -> None:
-        self.models = (model,)
-        self.engine = engine
-        self.pool = pool
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_TextToSpeechServiceServicer_to_server(self, server)
-
-    def load(self) -> None:
-        self.engine.load()
+class TextToSpeechServicer(EngineServicer, pb_grpc.TextToSpeechServiceServicer):
+    service = pb.DESCRIPTOR.services_by_name["TextToSpeechService"]
+    register = staticmethod(pb_grpc.add_TextToSpeechServiceServicer_to_server)
+    engine: TtsEngine
 
     async def Synthesize(
         self, request: pb.SynthesizeRequest, context: grpc.aio.ServicerContext

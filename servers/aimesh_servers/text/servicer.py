@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-
 from aimesh.text.v1 import text_generation_pb2 as pb
 from aimesh.text.v1 import text_generation_pb2_grpc as pb_grpc
 
 from ..runtime.service import (
-    ServedModel,
+    EngineServicer,
     requested_model,
     resolve_model,
     send_served_by,
@@ -21,19 +20,10 @@ from .contract import generate_response, generation_request, stream_response
 from .engine import GenerationChunk, GenerationRequest, TextEngine
 
 
-class TextGenerationServicer(pb_grpc.TextGenerationServiceServicer):
-    service_names = (pb.DESCRIPTOR.services_by_name["TextGenerationService"].full_name,)
-
-    def __init__(self, model: ServedModel, engine: TextEngine, pool: str) -> None:
-        self.models = (model,)
-        self.engine = engine
-        self.pool = pool
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_TextGenerationServiceServicer_to_server(self, server)
-
-    def load(self) -> None:
-        self.engine.load()
+class TextGenerationServicer(EngineServicer, pb_grpc.TextGenerationServiceServicer):
+    service = pb.DESCRIPTOR.services_by_name["TextGenerationService"]
+    register = staticmethod(pb_grpc.add_TextGenerationServiceServicer_to_server)
+    engine: TextEngine
 
     def _request(self, req: pb.GenerateRequest | pb.StreamGenerateRequest) -> GenerationRequest:
         return generation_request(req, self.engine.limits.default_max_tokens)

@@ -6,13 +6,12 @@ import threading
 from collections.abc import Iterator
 
 import grpc
-
 from aimesh.common.v1 import common_pb2
 from aimesh.vision.v1 import image_to_text_pb2 as pb
 from aimesh.vision.v1 import image_to_text_pb2_grpc as pb_grpc
 
 from ..runtime.service import (
-    ServedModel,
+    EngineServicer,
     requested_model,
     resolve_model,
     send_served_by,
@@ -31,19 +30,10 @@ def _task_name(value: int) -> str:
     return pb.Task.Name(value) if value in pb.Task.values() else f"unknown task {value}"
 
 
-class ImageToTextServicer(pb_grpc.ImageToTextServiceServicer):
-    service_names = (pb.DESCRIPTOR.services_by_name["ImageToTextService"].full_name,)
-
-    def __init__(self, model: ServedModel, engine: VisionEngine, pool: str) -> None:
-        self.models = (model,)
-        self.engine = engine
-        self.pool = pool
-
-    def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_ImageToTextServiceServicer_to_server(self, server)
-
-    def load(self) -> None:
-        self.engine.load()
+class ImageToTextServicer(EngineServicer, pb_grpc.ImageToTextServiceServicer):
+    service = pb.DESCRIPTOR.services_by_name["ImageToTextService"]
+    register = staticmethod(pb_grpc.add_ImageToTextServiceServicer_to_server)
+    engine: VisionEngine
 
     @staticmethod
     def _request(req: pb.DescribeImageRequest) -> DescribeRequest:
