@@ -16,7 +16,7 @@ import av
 import numpy as np
 import soundfile
 
-from ..runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia
+from ..runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia, media_detail
 
 WHISPER_RATE = 16_000
 MIN_PCM_RATE, MAX_PCM_RATE = 8_000, 48_000
@@ -311,7 +311,8 @@ class AudioDecoder:
                 samples, rate = file.read(dtype="float32", always_2d=True), file.samplerate
         except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
             raise UnsupportedMedia(
-                f"could not decode the {self.kind.upper()} audio: {exc}", field=self.field
+                f"could not decode the {self.kind.upper()} audio{media_detail(exc)}",
+                field=self.field,
             ) from exc
         self._head.clear()
         if len(samples) < file.frames - rate // 10:  # e.g. an MP3 whose Xing header says more
