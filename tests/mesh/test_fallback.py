@@ -7,6 +7,7 @@ calls, latency before/after) are printed; run with -s to see them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import statistics
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 import aimesh
+from aimesh_servers.control.servicer import EnvoyHealth
 from tests.mesh.conftest import Mesh
 from tests.servers import ServerProcess
 
@@ -49,11 +51,20 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         mesh.stop()
 
 
-def start(mesh: Mesh, pool: str, **env: str) -> ServerProcess:
+def start(mesh: Mesh, pool: str, healthy: bool = True, **env: str) -> ServerProcess:
+    """A `chat` server in `pool`, SERVING and (if `healthy`) passing Envoy's health checks."""
     server = ServerProcess(["serve", "text", "--model", "chat", "--pool", pool],
                            env={"AIMESH_REGISTRY_DIR": str(mesh.state_dir / "registrations"), **env})
     server.wait_listening()
     server.wait_serving()
+    if not healthy:
+        return server
+    health = EnvoyHealth(f"http://127.0.0.1:{mesh.admin_port}")
+    deadline = time.monotonic() + 30
+    while f"127.0.0.1:{server.port}" not in (asyncio.run(health.healthy_endpoints()) or {}).get(
+            "model_chat", ()):
+        assert time.monotonic() < deadline, f"Envoy never marked the {pool} server healthy"
+        time.sleep(0.1)
     return server
 
 
@@ -244,12 +255,12 @@ def test_late_and_returning_servers_are_routed_to_within_seconds(chain):
     secondary = start(chain, "secondary")
     try:
         wait_routed(chain, "secondary")
-        primary = start(chain, "primary")  # registers late
+        primary = start(chain, "primary", healthy=False)  # registers late
         late = wait_routed(chain, "primary")
         primary.terminate(signal.SIGKILL)
         primary.stop()
         wait_routed(chain, "secondary")
-        back = start(chain, "primary")  # comes back
+        back = start(chain, "primary", healthy=False)  # comes back
         returned = wait_routed(chain, "primary")
         back.stop()
     finally:
