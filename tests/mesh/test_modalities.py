@@ -28,9 +28,10 @@ IMAGE, STT, TTS = "tiny-sd", "whisper-base", "piper-joe-medium"
 VISION, EMBEDDING = "tiny-blip-tesseract", "all-minilm-l6-v2"
 VOICE, RATE = "en_US-joe-medium", 22050
 TIMEOUT = 60
-# One short sentence of the Piper voice, and words of it Whisper base hears reliably.
+# One short sentence of the Piper voice, and words of it Whisper base heard in every trial
+# (the voice samples noise: "brown" and "jumps" came back "round" and "jumped" at times).
 SENTENCE = SENTENCES[0]
-HEARD = {"brown", "fox", "jumps", "lazy", "dog"}
+HEARD = {"fox", "lazy", "dog"}
 # Text-to-image request shared by every surface: the same seed gives the same PNG bytes.
 DRAW = {"prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 3, "seed": 7}
 
