@@ -16,7 +16,6 @@ from types import ModuleType
 class CapabilityInfo:
     name: str  # as on the command line: aimesh serve <name>
     module: str
-    registry_capability: str  # registry.v1.Capability value name suffix
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -25,12 +24,12 @@ class CapabilityInfo:
 CAPABILITIES: dict[str, CapabilityInfo] = {
     info.name: info
     for info in (
-        CapabilityInfo("text", "aimesh_servers.text", "TEXT_GENERATION"),
-        CapabilityInfo("openai", "aimesh_servers.providers", "TEXT_GENERATION"),
-        CapabilityInfo("vision", "aimesh_servers.vision", "IMAGE_TO_TEXT"),
-        CapabilityInfo("embedding", "aimesh_servers.embedding", "EMBEDDING"),
-        CapabilityInfo("image", "aimesh_servers.image", "IMAGE_GENERATION"),
-        CapabilityInfo("stt", "aimesh_servers.speech.stt", "SPEECH_TO_TEXT"),
-        CapabilityInfo("tts", "aimesh_servers.speech.tts", "TEXT_TO_SPEECH"),
+        CapabilityInfo("text", "aimesh_servers.text"),
+        CapabilityInfo("openai", "aimesh_servers.providers"),
+        CapabilityInfo("vision", "aimesh_servers.vision"),
+        CapabilityInfo("embedding", "aimesh_servers.embedding"),
+        CapabilityInfo("image", "aimesh_servers.image"),
+        CapabilityInfo("stt", "aimesh_servers.speech.stt"),
+        CapabilityInfo("tts", "aimesh_servers.speech.tts"),
     )
 }
