@@ -15,9 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 
