@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import aimesh
+from tests.mesh.conftest import Mesh
 from tests.servers import server_process
 
 SERVICE = "aimesh.text.v1.TextGenerationService"
@@ -27,3 +32,30 @@ def test_health_follows_loading_and_draining():
                 answer = client.text.generate("smollm2-135m", [("user", "Hi")], max_tokens=3)
             assert answer.usage.completion_tokens > 0
         assert server.proc.wait(30) == 0
+
+
+def test_a_killed_aimesh_up_takes_its_envoy_and_servers_with_it(tmp_path):
+    mesh = Mesh(tmp_path, only=["text"])
+    try:
+        mesh.wait_ready()
+        children = [int(p) for p in subprocess.run(
+            ["pgrep", "-P", str(mesh.proc.pid)], capture_output=True, text=True).stdout.split()]
+        assert len(children) >= 2  # Envoy and the text server
+        mesh.proc.kill()  # SIGKILL: no chance to drain anything itself
+        mesh.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if _alive(pid)], "orphans left running"
+    finally:
+        mesh.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A child reparented to init and already dead may linger as a zombie briefly.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"

@@ -7,11 +7,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from google.protobuf import descriptor_pb2
-from google.rpc import error_details_pb2, status_pb2
-from google.protobuf.descriptor import FileDescriptor
-
 import aimesh
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import FileDescriptor
+from google.rpc import error_details_pb2, status_pb2
 
 
 def aimesh_files() -> list[FileDescriptor]:

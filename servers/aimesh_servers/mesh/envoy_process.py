@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from .children import terminate_with_parent
 from .controller import EndpointController, write_atomically
 from .descriptors import descriptor_set, service_names
 from .envoy_config import MeshSpec, bootstrap
@@ -52,6 +53,7 @@ def start(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
          # No hot restart: several meshes (tests, a developer's `aimesh up`) share one machine.
          "--disable-hot-restart", "--drain-time-s", "2"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        preexec_fn=terminate_with_parent,
     )
 
 

@@ -29,6 +29,7 @@ from ..registry.schema import Model, Pool, Registry, RegistryError, load_registr
 from ..runtime.runner import ModelServer
 from ..runtime.settings import ServerSettings
 from . import envoy_process
+from .children import terminate_with_parent
 from .controller import EndpointController
 from .envoy_config import MeshSpec
 
@@ -63,7 +64,8 @@ async def _start_server(model: Model, pool: Pool, index: int, state: Path,
     log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
     proc = await asyncio.create_subprocess_exec(
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
+        stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
+        preexec_fn=terminate_with_parent)
     return ServerProc(model, pool, index, proc, log_path)
 
 
