@@ -53,7 +53,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         self.instances = instances
         self.envoy = envoy
 
-    async def _model(self, model: Model, healthy: dict[str, set[str]] | None) -> pb.Model:
+    def _model(self, model: Model, healthy: dict[str, set[str]] | None) -> pb.Model:
         out = pb.Model(
             id=model.id, capability=CAPABILITY[model.capability], description=model.description,
             default_version=model.default.version, parameters=model.parameters, prices=model.prices,
@@ -87,11 +87,11 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         models = sorted(self.registry.models, key=lambda m: m.id)
         if request.capability:
             models = [m for m in models if CAPABILITY[m.capability] == request.capability]
-        return pb.ListModelsResponse(models=[await self._model(m, healthy) for m in models])
+        return pb.ListModelsResponse(models=[self._model(m, healthy) for m in models])
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.GetModelResponse:
         model = self._get(request.model_id)
-        return pb.GetModelResponse(model=await self._model(model, await self._health()))
+        return pb.GetModelResponse(model=self._model(model, await self._health()))
 
     async def ListModelVersions(self, request: pb.ListModelVersionsRequest, context
                                 ) -> pb.ListModelVersionsResponse:
@@ -107,14 +107,15 @@ class UnknownModelHandler(grpc.GenericRpcHandler):
     """Answers any model call Envoy could not route: NOT_FOUND listing the models that
     offer that service. Works for every call shape (the handler never reads the request)."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, services: Sequence[str]) -> None:
         self.registry = registry
+        self.services = frozenset(services)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         service = details.method.strip("/").split("/")[0]
-        offering = [m.id for m in self.registry.models if service in m.services]
-        if not details.method.startswith("/aimesh.") or service not in service_names():
+        if service not in self.services:
             return None
+        offering = [m.id for m in self.registry.models if service in m.services]
         asked = dict(details.invocation_metadata or ()).get(MODEL_HEADER, "")
 
         async def not_found(request_iterator, context: grpc.aio.ServicerContext):
@@ -138,7 +139,7 @@ class ControlCapability:
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_ModelRegistryServiceServicer_to_server(self.servicer, server)
-        server.add_generic_rpc_handlers([UnknownModelHandler(self.registry)])
+        server.add_generic_rpc_handlers([UnknownModelHandler(self.registry, self.service_names)])
 
     def load(self) -> None:
         """Nothing to load."""
