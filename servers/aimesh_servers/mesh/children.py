@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
-import signal
-import sys
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+import shutil
 
 
-def terminate_with_parent() -> None:
-    """A preexec_fn: the kernel sends SIGTERM (a clean drain) to the child once its parent
-    is gone. Model servers run in their own session so that Ctrl-C reaches only `aimesh
-    up`, which drains them in order; without this a killed `aimesh up` would orphan them."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def terminate_with_parent(command: list[str]) -> list[str]:
+    """`command` run so that the kernel sends it SIGTERM (a clean drain) once its parent is
+    gone. Model servers run in their own session so that Ctrl-C reaches only `aimesh up`,
+    which drains them in order; without this a killed `aimesh up` would orphan them.
+    util-linux `setpriv` sets the signal and execs: a preexec_fn would run Python in a
+    child forked from a threaded process (gRPC), which can deadlock."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command

@@ -49,11 +49,11 @@ def validate(config: Path) -> None:
 def start(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its life
     return subprocess.Popen(
-        [envoy_binary(), "-c", str(config), "--concurrency", "2", "--log-level", "warning",
-         # No hot restart: several meshes (tests, a developer's `aimesh up`) share one machine.
-         "--disable-hot-restart", "--drain-time-s", "2"],
+        terminate_with_parent([
+            envoy_binary(), "-c", str(config), "--concurrency", "2", "--log-level", "warning",
+            # No hot restart: several meshes (tests, a developer's `aimesh up`) share one machine.
+            "--disable-hot-restart", "--drain-time-s", "2"]),
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        preexec_fn=terminate_with_parent,
     )
 
 

@@ -63,9 +63,8 @@ async def _start_server(model: Model, pool: Pool, index: int, state: Path,
            "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **pool.env}
     log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
-        preexec_fn=terminate_with_parent)
+        *terminate_with_parent(args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
     return ServerProc(model, pool, index, proc, log_path)
 
 
