@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61imesh/usage/v1/usage.proto\x12\x0f\x61imesh.usage.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x02\n\x0bUsageRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x17\n\x0frequested_model\x18\x05 \x01(\t\x12\x14\n\x0cserved_model\x18\x06 \x01(\t\x12\x0c\n\x04pool\x18\x07 \x01(\t\x12\x0c\n\x04unit\x18\x08 \x01(\t\x12\x13\n\x0binput_units\x18\t \x01(\x01\x12\x14\n\x0coutput_units\x18\n \x01(\x01\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06status\x18\x0c \x01(\t\x12\x10\n\x08\x63ost_usd\x18\r \x01(\x01\x12(\n\x04time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa9\x01\n\x10UsageSummaryLine\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x14\n\x0cserved_model\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x03\x12\x14\n\x0c\x66\x61iled_calls\x18\x05 \x01(\x03\x12\x13\n\x0binput_units\x18\x06 \x01(\x01\x12\x14\n\x0coutput_units\x18\x07 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x08 \x01(\x01\"v\n\x16GetUsageSummaryRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x17GetUsageSummaryResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x30\n\x05lines\x18\x02 \x03(\x0b\x32!.aimesh.usage.v1.UsageSummaryLine\x12\x16\n\x0etotal_cost_usd\x18\x03 \x01(\x01\"@\n\x17ListUsageRecordsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x18ListUsageRecordsResponse\x12-\n\x07records\x18\x01 \x03(\x0b\x32\x1c.aimesh.usage.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x94\x02\n\x0cUsageService\x12\x7f\n\x0fGetUsageSummary\x12\'.aimesh.usage.v1.GetUsageSummaryRequest\x1a(.aimesh.usage.v1.GetUsageSummaryResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/usage:summary\x12\x82\x01\n\x10ListUsageRecords\x12(.aimesh.usage.v1.ListUsageRecordsRequest\x1a).aimesh.usage.v1.ListUsageRecordsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/usage/recordsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61imesh/usage/v1/usage.proto\x12\x0f\x61imesh.usage.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8d\x04\n\x0bUsageRecord\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x17\n\x0frequested_model\x18\x05 \x01(\t\x12\x14\n\x0cserved_model\x18\x06 \x01(\t\x12\x0c\n\x04pool\x18\x07 \x01(\t\x12\x0c\n\x04unit\x18\x08 \x01(\t\x12\x13\n\x0binput_units\x18\t \x01(\x01\x12\x14\n\x0coutput_units\x18\n \x01(\x01\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06status\x18\x0c \x01(\t\x12\x10\n\x08\x63ost_usd\x18\r \x01(\x01\x12(\n\x04time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncapability\x18\x0f \x01(\t\x12\x14\n\x0crequest_type\x18\x10 \x01(\t\x12\x16\n\x0eserved_version\x18\x11 \x01(\t\x12\x37\n\x14time_to_first_output\x18\x12 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x13 \x01(\t\x12\x11\n\tfell_back\x18\x14 \x01(\x08\x12\x10\n\x08trace_id\x18\x15 \x01(\t\x12\x12\n\nrequest_id\x18\x16 \x01(\t\x12\x0e\n\x06origin\x18\x17 \x01(\t\"\x98\x03\n\x10UsageSummaryLine\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x14\n\x0cserved_model\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x04 \x01(\x03\x12\x14\n\x0c\x66\x61iled_calls\x18\x05 \x01(\x03\x12\x13\n\x0binput_units\x18\x06 \x01(\x01\x12\x14\n\x0coutput_units\x18\x07 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x08 \x01(\x01\x12\x12\n\ncapability\x18\t \x01(\t\x12\x0c\n\x04pool\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x30\n\x0c\x62ucket_start\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfallback_rate\x18\r \x01(\x01\x12.\n\x0blatency_p50\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p95\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nerror_rate\x18\x10 \x01(\x01\"\xe5\x01\n\x16GetUsageSummaryRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08group_by\x18\x03 \x01(\x0e\x32\x18.aimesh.usage.v1.GroupBy\x12\x31\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x1c.aimesh.usage.v1.Granularity\x12\x0e\n\x06tenant\x18\x05 \x01(\t\"\xd1\x01\n\x17GetUsageSummaryResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x30\n\x05lines\x18\x02 \x03(\x0b\x32!.aimesh.usage.v1.UsageSummaryLine\x12\x16\n\x0etotal_cost_usd\x18\x03 \x01(\x01\x12\x1e\n\x16month_to_date_cost_usd\x18\x04 \x01(\x01\x12 \n\x18projected_month_cost_usd\x18\x05 \x01(\x01\x12\x1a\n\x12monthly_budget_usd\x18\x06 \x01(\x01\"P\n\x17ListUsageRecordsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"b\n\x18ListUsageRecordsResponse\x12-\n\x07records\x18\x01 \x03(\x0b\x32\x1c.aimesh.usage.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*x\n\x07GroupBy\x12\x18\n\x14GROUP_BY_UNSPECIFIED\x10\x00\x12\x17\n\x13GROUP_BY_CAPABILITY\x10\x01\x12\x12\n\x0eGROUP_BY_MODEL\x10\x02\x12\x11\n\rGROUP_BY_POOL\x10\x03\x12\x13\n\x0fGROUP_BY_TENANT\x10\x04*l\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x14\n\x10GRANULARITY_HOUR\x10\x01\x12\x13\n\x0fGRANULARITY_DAY\x10\x02\x12\x15\n\x11GRANULARITY_MONTH\x10\x03\x32\x94\x02\n\x0cUsageService\x12\x7f\n\x0fGetUsageSummary\x12\'.aimesh.usage.v1.GetUsageSummaryRequest\x1a(.aimesh.usage.v1.GetUsageSummaryResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/usage:summary\x12\x82\x01\n\x10ListUsageRecords\x12(.aimesh.usage.v1.ListUsageRecordsRequest\x1a).aimesh.usage.v1.ListUsageRecordsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/usage/recordsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,18 +38,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGESERVICE'].methods_by_name['GetUsageSummary']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/usage:summary'
   _globals['_USAGESERVICE'].methods_by_name['ListUsageRecords']._loaded_options = None
   _globals['_USAGESERVICE'].methods_by_name['ListUsageRecords']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/usage/records'
+  _globals['_GROUPBY']._serialized_start=1708
+  _globals['_GROUPBY']._serialized_end=1828
+  _globals['_GRANULARITY']._serialized_start=1830
+  _globals['_GRANULARITY']._serialized_end=1938
   _globals['_USAGERECORD']._serialized_start=144
-  _globals['_USAGERECORD']._serialized_end=457
-  _globals['_USAGESUMMARYLINE']._serialized_start=460
-  _globals['_USAGESUMMARYLINE']._serialized_end=629
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=631
-  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=749
-  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=751
-  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=866
-  _globals['_LISTUSAGERECORDSREQUEST']._serialized_start=868
-  _globals['_LISTUSAGERECORDSREQUEST']._serialized_end=932
-  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_start=934
-  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_end=1032
-  _globals['_USAGESERVICE']._serialized_start=1035
-  _globals['_USAGESERVICE']._serialized_end=1311
+  _globals['_USAGERECORD']._serialized_end=669
+  _globals['_USAGESUMMARYLINE']._serialized_start=672
+  _globals['_USAGESUMMARYLINE']._serialized_end=1080
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_start=1083
+  _globals['_GETUSAGESUMMARYREQUEST']._serialized_end=1312
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_start=1315
+  _globals['_GETUSAGESUMMARYRESPONSE']._serialized_end=1524
+  _globals['_LISTUSAGERECORDSREQUEST']._serialized_start=1526
+  _globals['_LISTUSAGERECORDSREQUEST']._serialized_end=1606
+  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_start=1608
+  _globals['_LISTUSAGERECORDSRESPONSE']._serialized_end=1706
+  _globals['_USAGESERVICE']._serialized_start=1941
+  _globals['_USAGESERVICE']._serialized_end=2217
 # @@protoc_insertion_point(module_scope)

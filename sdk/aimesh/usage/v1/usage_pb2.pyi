@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,66 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _GroupBy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GroupByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupBy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GROUP_BY_UNSPECIFIED: _GroupBy.ValueType  # 0
+    """Capability and served model."""
+    GROUP_BY_CAPABILITY: _GroupBy.ValueType  # 1
+    """Capability only."""
+    GROUP_BY_MODEL: _GroupBy.ValueType  # 2
+    """Capability and served model."""
+    GROUP_BY_POOL: _GroupBy.ValueType  # 3
+    """Capability, served model and pool."""
+    GROUP_BY_TENANT: _GroupBy.ValueType  # 4
+    """Tenant (admin only)."""
+
+class GroupBy(_GroupBy, metaclass=_GroupByEnumTypeWrapper):
+    """How summary lines are grouped (besides the time bucket)."""
+
+GROUP_BY_UNSPECIFIED: GroupBy.ValueType  # 0
+"""Capability and served model."""
+GROUP_BY_CAPABILITY: GroupBy.ValueType  # 1
+"""Capability only."""
+GROUP_BY_MODEL: GroupBy.ValueType  # 2
+"""Capability and served model."""
+GROUP_BY_POOL: GroupBy.ValueType  # 3
+"""Capability, served model and pool."""
+GROUP_BY_TENANT: GroupBy.ValueType  # 4
+"""Tenant (admin only)."""
+Global___GroupBy: _TypeAlias = GroupBy  # noqa: Y015
+
+class _Granularity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GranularityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Granularity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRANULARITY_UNSPECIFIED: _Granularity.ValueType  # 0
+    """One bucket for the whole window."""
+    GRANULARITY_HOUR: _Granularity.ValueType  # 1
+    """Hours (UTC)."""
+    GRANULARITY_DAY: _Granularity.ValueType  # 2
+    """Days (UTC)."""
+    GRANULARITY_MONTH: _Granularity.ValueType  # 3
+    """Calendar months (UTC)."""
+
+class Granularity(_Granularity, metaclass=_GranularityEnumTypeWrapper):
+    """Time buckets of a summary."""
+
+GRANULARITY_UNSPECIFIED: Granularity.ValueType  # 0
+"""One bucket for the whole window."""
+GRANULARITY_HOUR: Granularity.ValueType  # 1
+"""Hours (UTC)."""
+GRANULARITY_DAY: Granularity.ValueType  # 2
+"""Days (UTC)."""
+GRANULARITY_MONTH: Granularity.ValueType  # 3
+"""Calendar months (UTC)."""
+Global___Granularity: _TypeAlias = Granularity  # noqa: Y015
 
 @_typing.final
 class UsageRecord(_message.Message):
@@ -40,6 +101,15 @@ class UsageRecord(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    REQUEST_TYPE_FIELD_NUMBER: _builtins.int
+    SERVED_VERSION_FIELD_NUMBER: _builtins.int
+    TIME_TO_FIRST_OUTPUT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FELL_BACK_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Record id."""
     tenant: _builtins.str
@@ -64,13 +134,37 @@ class UsageRecord(_message.Message):
     """gRPC status code name, e.g. "OK"."""
     cost_usd: _builtins.float
     """Cost in US dollars."""
+    capability: _builtins.str
+    """Capability short name: "text", "image", "stt", "tts", "vision", "embedding"."""
+    request_type: _builtins.str
+    """Request type: "unary", "server_stream", "client_stream", "bidi_stream"."""
+    served_version: _builtins.str
+    """Version of the model that served it."""
+    reason: _builtins.str
+    """ErrorInfo reason when it failed, e.g. "RATE_LIMITED", "UNAUTHENTICATED"."""
+    fell_back: _builtins.bool
+    """True when a pool other than the first of the model's chain served it, or the
+    front door retried it.
+    """
+    trace_id: _builtins.str
+    """W3C trace id, when the call carried one."""
+    request_id: _builtins.str
+    """The front door's request id."""
+    origin: _builtins.str
+    """Where the record comes from: "server" (a model server ran it) or "edge" (the
+    front door answered it itself: auth, limits, no healthy server).
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """Wall time of the call."""
 
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
-        """When the call ended."""
+        """When the call started at the front door."""
+
+    @_builtins.property
+    def time_to_first_output(self) -> _duration_pb2.Duration:
+        """Time to the first response message; unset when none was sent."""
 
     def __init__(
         self,
@@ -89,10 +183,19 @@ class UsageRecord(_message.Message):
         status: _builtins.str = ...,
         cost_usd: _builtins.float = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        capability: _builtins.str = ...,
+        request_type: _builtins.str = ...,
+        served_version: _builtins.str = ...,
+        time_to_first_output: _duration_pb2.Duration | None = ...,
+        reason: _builtins.str = ...,
+        fell_back: _builtins.bool = ...,
+        trace_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        origin: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "time", b"time", "time_to_first_output", b"time_to_first_output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "duration", b"duration", "id", b"id", "input_units", b"input_units", "method", b"method", "output_units", b"output_units", "pool", b"pool", "requested_model", b"requested_model", "served_model", b"served_model", "service", b"service", "status", b"status", "tenant", b"tenant", "time", b"time", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "cost_usd", b"cost_usd", "duration", b"duration", "fell_back", b"fell_back", "id", b"id", "input_units", b"input_units", "method", b"method", "origin", b"origin", "output_units", b"output_units", "pool", b"pool", "reason", b"reason", "request_id", b"request_id", "request_type", b"request_type", "requested_model", b"requested_model", "served_model", b"served_model", "served_version", b"served_version", "service", b"service", "status", b"status", "tenant", b"tenant", "time", b"time", "time_to_first_output", b"time_to_first_output", "trace_id", b"trace_id", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -100,7 +203,7 @@ Global___UsageRecord: _TypeAlias = UsageRecord  # noqa: Y015
 
 @_typing.final
 class UsageSummaryLine(_message.Message):
-    """A sum over records that share service and served model."""
+    """A sum over the records of one group and time bucket."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -112,6 +215,14 @@ class UsageSummaryLine(_message.Message):
     INPUT_UNITS_FIELD_NUMBER: _builtins.int
     OUTPUT_UNITS_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    BUCKET_START_FIELD_NUMBER: _builtins.int
+    FALLBACK_RATE_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Service name."""
     served_model: _builtins.str
@@ -128,6 +239,28 @@ class UsageSummaryLine(_message.Message):
     """Output units."""
     cost_usd: _builtins.float
     """Cost in US dollars."""
+    capability: _builtins.str
+    """Capability short name."""
+    pool: _builtins.str
+    """Pool (with GROUP_BY_POOL)."""
+    tenant: _builtins.str
+    """Tenant (with GROUP_BY_TENANT, or when one tenant is summarized)."""
+    fallback_rate: _builtins.float
+    """Share of calls a fallback served, 0..1."""
+    error_rate: _builtins.float
+    """Share of calls that failed, 0..1."""
+    @_builtins.property
+    def bucket_start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the time bucket (unset with GRANULARITY_UNSPECIFIED)."""
+
+    @_builtins.property
+    def latency_p50(self) -> _duration_pb2.Duration:
+        """Median call duration."""
+
+    @_builtins.property
+    def latency_p95(self) -> _duration_pb2.Duration:
+        """95th percentile call duration."""
+
     def __init__(
         self,
         *,
@@ -139,10 +272,18 @@ class UsageSummaryLine(_message.Message):
         input_units: _builtins.float = ...,
         output_units: _builtins.float = ...,
         cost_usd: _builtins.float = ...,
+        capability: _builtins.str = ...,
+        pool: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        bucket_start: _timestamp_pb2.Timestamp | None = ...,
+        fallback_rate: _builtins.float = ...,
+        latency_p50: _duration_pb2.Duration | None = ...,
+        latency_p95: _duration_pb2.Duration | None = ...,
+        error_rate: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start", b"bucket_start", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "cost_usd", b"cost_usd", "failed_calls", b"failed_calls", "input_units", b"input_units", "output_units", b"output_units", "served_model", b"served_model", "service", b"service", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start", b"bucket_start", "calls", b"calls", "capability", b"capability", "cost_usd", b"cost_usd", "error_rate", b"error_rate", "failed_calls", b"failed_calls", "fallback_rate", b"fallback_rate", "input_units", b"input_units", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "output_units", b"output_units", "pool", b"pool", "served_model", b"served_model", "service", b"service", "tenant", b"tenant", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -156,6 +297,17 @@ class GetUsageSummaryRequest(_message.Message):
 
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    group_by: Global___GroupBy.ValueType
+    """Grouping; unset means capability and served model."""
+    granularity: Global___Granularity.ValueType
+    """Time buckets; unset means one bucket."""
+    tenant: _builtins.str
+    """Tenant to summarize (admin only); empty means the caller's own tenant, or every
+    tenant for an admin.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start (inclusive); unset means 30 days ago."""
@@ -169,10 +321,13 @@ class GetUsageSummaryRequest(_message.Message):
         *,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        group_by: Global___GroupBy.ValueType = ...,
+        granularity: Global___Granularity.ValueType = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "granularity", b"granularity", "group_by", b"group_by", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -187,10 +342,19 @@ class GetUsageSummaryResponse(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
     TOTAL_COST_USD_FIELD_NUMBER: _builtins.int
+    MONTH_TO_DATE_COST_USD_FIELD_NUMBER: _builtins.int
+    PROJECTED_MONTH_COST_USD_FIELD_NUMBER: _builtins.int
+    MONTHLY_BUDGET_USD_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Tenant summarized."""
     total_cost_usd: _builtins.float
     """Total cost."""
+    month_to_date_cost_usd: _builtins.float
+    """Cost so far this calendar month (UTC)."""
+    projected_month_cost_usd: _builtins.float
+    """Month-end cost if the rate of the last 24 hours holds."""
+    monthly_budget_usd: _builtins.float
+    """Monthly budget, 0 when none (one tenant only)."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageSummaryLine]:
         """One line per service and served model."""
@@ -201,10 +365,13 @@ class GetUsageSummaryResponse(_message.Message):
         tenant: _builtins.str = ...,
         lines: _abc.Iterable[Global___UsageSummaryLine] | None = ...,
         total_cost_usd: _builtins.float = ...,
+        month_to_date_cost_usd: _builtins.float = ...,
+        projected_month_cost_usd: _builtins.float = ...,
+        monthly_budget_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines", "tenant", b"tenant", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines", "month_to_date_cost_usd", b"month_to_date_cost_usd", "monthly_budget_usd", b"monthly_budget_usd", "projected_month_cost_usd", b"projected_month_cost_usd", "tenant", b"tenant", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -218,19 +385,23 @@ class ListUsageRecordsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Most records to return, 1..1000; default 100."""
     page_token: _builtins.str
     """Token from a previous response."""
+    tenant: _builtins.str
+    """Tenant (admin only); empty means the caller's own tenant, or every tenant for an admin."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

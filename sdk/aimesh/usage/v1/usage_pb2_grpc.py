@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class UsageServiceStub:
     """Usage records and per-tenant summaries. A tenant sees only its own usage; the
-    tenant comes from the verified token, never from the request.
+    tenant comes from the verified token, never from the request. A token with the
+    "admin" scope may name any tenant, or none for everyone.
     """
 
     def __init__(self, channel):
@@ -50,11 +51,12 @@ class UsageServiceStub:
 
 class UsageServiceServicer:
     """Usage records and per-tenant summaries. A tenant sees only its own usage; the
-    tenant comes from the verified token, never from the request.
+    tenant comes from the verified token, never from the request. A token with the
+    "admin" scope may name any tenant, or none for everyone.
     """
 
     def GetUsageSummary(self, request, context):
-        """Sums the calling tenant's usage over a time window, per service and model.
+        """Sums usage over a time window, grouped as asked, with a month-end cost projection.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,7 +92,8 @@ def add_UsageServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class UsageService:
     """Usage records and per-tenant summaries. A tenant sees only its own usage; the
-    tenant comes from the verified token, never from the request.
+    tenant comes from the verified token, never from the request. A token with the
+    "admin" scope may name any tenant, or none for everyone.
     """
 
     @staticmethod

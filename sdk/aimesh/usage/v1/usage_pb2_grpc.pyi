@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class UsageServiceStub:
     """Usage records and per-tenant summaries. A tenant sees only its own usage; the
-    tenant comes from the verified token, never from the request.
+    tenant comes from the verified token, never from the request. A token with the
+    "admin" scope may name any tenant, or none for everyone.
     """
 
     @_typing.overload
@@ -36,25 +37,27 @@ class UsageServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> UsageServiceAsyncStub: ...
     GetUsageSummary: _grpc.UnaryUnaryMultiCallable[_usage_pb2.GetUsageSummaryRequest, _usage_pb2.GetUsageSummaryResponse]
-    """Sums the calling tenant's usage over a time window, per service and model."""
+    """Sums usage over a time window, grouped as asked, with a month-end cost projection."""
     ListUsageRecords: _grpc.UnaryUnaryMultiCallable[_usage_pb2.ListUsageRecordsRequest, _usage_pb2.ListUsageRecordsResponse]
     """Lists the calling tenant's usage records, newest first."""
 
 @_typing.type_check_only
 class UsageServiceAsyncStub(UsageServiceStub):
     """Usage records and per-tenant summaries. A tenant sees only its own usage; the
-    tenant comes from the verified token, never from the request.
+    tenant comes from the verified token, never from the request. A token with the
+    "admin" scope may name any tenant, or none for everyone.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetUsageSummary: _aio.UnaryUnaryMultiCallable[_usage_pb2.GetUsageSummaryRequest, _usage_pb2.GetUsageSummaryResponse]  # type: ignore[assignment]
-    """Sums the calling tenant's usage over a time window, per service and model."""
+    """Sums usage over a time window, grouped as asked, with a month-end cost projection."""
     ListUsageRecords: _aio.UnaryUnaryMultiCallable[_usage_pb2.ListUsageRecordsRequest, _usage_pb2.ListUsageRecordsResponse]  # type: ignore[assignment]
     """Lists the calling tenant's usage records, newest first."""
 
 class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """Usage records and per-tenant summaries. A tenant sees only its own usage; the
-    tenant comes from the verified token, never from the request.
+    tenant comes from the verified token, never from the request. A token with the
+    "admin" scope may name any tenant, or none for everyone.
     """
 
     @_abc_1.abstractmethod
@@ -63,7 +66,7 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _usage_pb2.GetUsageSummaryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_usage_pb2.GetUsageSummaryResponse, _abc.Awaitable[_usage_pb2.GetUsageSummaryResponse]]:
-        """Sums the calling tenant's usage over a time window, per service and model."""
+        """Sums usage over a time window, grouped as asked, with a month-end cost projection."""
 
     @_abc_1.abstractmethod
     def ListUsageRecords(
