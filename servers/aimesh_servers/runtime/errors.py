@@ -124,3 +124,13 @@ def media_detail(exc: Exception) -> str:
     """': <why>' for a decoder's error, unless it only repeats the buffer's repr."""
     text = str(exc)
     return "" if not text or "<_io." in text else f": {text}"
+
+
+class Unauthenticated(AimeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = common_pb2.ERROR_REASON_UNAUTHENTICATED
+
+
+class PermissionDenied(AimeshError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = common_pb2.ERROR_REASON_PERMISSION_DENIED

@@ -47,6 +47,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A tenant limit or budget is exhausted."""
     ERROR_REASON_MODEL_UNAVAILABLE: _ErrorReason.ValueType  # 11
     """No pool of the model's fallback chain has a healthy server; metadata["model"] names it."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 12
+    """The call carries no verified identity (no token, or one that failed verification)."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 13
+    """The caller's identity may not do this (scope, model, capability or another tenant's data)."""
+    ERROR_REASON_BUDGET_EXHAUSTED: _ErrorReason.ValueType  # 14
+    """The tenant's money budget for the period is spent."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable machine-readable reasons carried in google.rpc.ErrorInfo.reason
@@ -77,6 +83,12 @@ ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 10
 """A tenant limit or budget is exhausted."""
 ERROR_REASON_MODEL_UNAVAILABLE: ErrorReason.ValueType  # 11
 """No pool of the model's fallback chain has a healthy server; metadata["model"] names it."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 12
+"""The call carries no verified identity (no token, or one that failed verification)."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 13
+"""The caller's identity may not do this (scope, model, capability or another tenant's data)."""
+ERROR_REASON_BUDGET_EXHAUSTED: ErrorReason.ValueType  # 14
+"""The tenant's money budget for the period is spent."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
