@@ -1,0 +1,1 @@
+"""Tenancy: tenants, tokens, limits, and the usage store (records, rollups, queries)."""
