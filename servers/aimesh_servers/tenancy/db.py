@@ -33,7 +33,7 @@ class UtcDateTime(sa.TypeDecorator[dt.datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: aimesh stores aware UTC times")
-        value = value.astimezone(dt.timezone.utc)
+        value = value.astimezone(dt.UTC)
         # SQLite keeps text; stripping the zone keeps every value in one sortable format.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
@@ -41,8 +41,8 @@ class UtcDateTime(sa.TypeDecorator[dt.datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=dt.timezone.utc)
-        return value.astimezone(dt.timezone.utc)
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
 
 
 metadata = sa.MetaData()

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from alembic import context
-
 from aimesh_servers.tenancy.db import make_engine, metadata
+from alembic import context
 
 config = context.config
 
