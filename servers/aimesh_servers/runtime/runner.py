@@ -22,7 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from ..registry.consul import ConsulRegistrar
 from ..registry.discovery import Instance, LocalRegistrar, Registrar
 from .interceptor import AimeshServerInterceptor, ConcurrencyLimit
+from . import accounting
 from .service import Capability
+from .usage_reporter import UsageReporter
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class ModelServer:
             else LocalRegistrar(settings.registry_dir) if settings.registry_dir else None
         )
         self.instances: list[Instance] = []
+        self.usage = UsageReporter(settings.usage_addr) if settings.usage_addr else None
         self._stopping = asyncio.Event()
 
     @property
@@ -62,6 +65,9 @@ class ModelServer:
         )
         for cap in self.capabilities:
             cap.add_to_server(self.server)
+        if self.usage is not None:
+            self.usage.start()
+            accounting.install_sink(self.usage)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
@@ -104,6 +110,9 @@ class ModelServer:
         await asyncio.sleep(self.settings.drain_delay_s)
         if self.server is not None:
             await self.server.stop(self.settings.drain_grace_s)
+        if self.usage is not None:  # after the last call ended: its usage goes out too
+            accounting.install_sink(None)
+            await self.usage.close()
         announce("stopped")
 
     async def run_until_signal(self) -> None:

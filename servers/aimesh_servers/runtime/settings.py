@@ -27,3 +27,6 @@ class ServerSettings(BaseSettings):
     consul_http_addr: str | None = Field(
         None, description="register with the Consul agent at host:port (takes precedence over registry_dir)"
     )
+    usage_addr: str | None = Field(
+        None, description="the mesh's usage collector (host:port): every call's usage is reported there"
+    )
