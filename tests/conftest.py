@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Real Redis and PostgreSQL servers (session fixtures).
+pytest_plugins = ["tests.infra"]
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
 
