@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..runtime.batching import BatchSettings
 from ..runtime.service import ServedModel
 from ..runtime.settings import ServerSettings
 
@@ -13,4 +14,5 @@ def build(model: ServedModel, settings: ServerSettings):
     from .engine import EmbeddingEngine
     from .servicer import EmbeddingServicer
 
-    return EmbeddingServicer(model, EmbeddingEngine(model.source, threads=settings.torch_threads), settings.pool)
+    engine = EmbeddingEngine(model.source, threads=settings.torch_threads, batching=BatchSettings())
+    return EmbeddingServicer(model, engine, settings.pool)

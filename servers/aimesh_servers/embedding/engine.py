@@ -4,12 +4,14 @@ Loads any sentence-transformers or plain transformers checkpoint (hub id or fold
 token states from `AutoModel`, pooled the way the checkpoint's sentence-transformers
 Pooling module says (mean when it has none), optionally scaled to unit length. Texts
 run in micro-batches of similar length, so that short texts pay for little padding.
+Concurrent calls share forward passes through a DynamicBatcher (`embed_batched`).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ from transformers import AutoModel, AutoTokenizer
 from transformers.utils import cached_file
 
 from ..models import builtin
+from ..runtime.batching import BatchSettings, DynamicBatcher, Work
 from ..runtime.errors import InvalidArgument, OutOfRange
 
 # sentence-transformers Pooling config keys -> the pooling we run.
@@ -55,6 +58,12 @@ class EmbeddingEngine:
     source: str
     limits: EmbeddingLimits = field(default_factory=EmbeddingLimits)
     threads: int = 2
+    batching: BatchSettings = field(default_factory=BatchSettings)
+
+    @property
+    def capacity(self) -> int:
+        """Calls that may be admitted at once: enough to fill a batch while another runs."""
+        return self.batching.admitted
 
     def load(self) -> None:
         torch.set_num_threads(self.threads)
@@ -71,6 +80,8 @@ class EmbeddingEngine:
         self.dimensions = int(self.model.config.hidden_size)
         # Fast tokenizers keep padding state: concurrent calls may not share one.
         self._tokenizer_lock = threading.Lock()
+        self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
+            self._embed_batch, self.batching, name="embedding-batcher")
 
     def validate(self, request: EmbedRequest) -> None:
         """Checks that need no tokenizer; `embed` also checks token lengths."""
@@ -90,19 +101,58 @@ class EmbeddingEngine:
                     field=f"texts[{i}]",
                 )
 
-    def embed(self, request: EmbedRequest, cancel: threading.Event | None = None) -> EmbedResult:
-        """Blocking. Stops between micro-batches (CancelledError) once `cancel` is set."""
+    async def embed_batched(self, request: EmbedRequest) -> EmbedResult:
+        """`embed`, sharing forward passes with concurrent callers (see runtime.batching)."""
         self.validate(request)
+        return await self.batcher.run(request, size=len(request.texts))
+
+    def embed(self, request: EmbedRequest, cancel: threading.Event | None = None) -> EmbedResult:
+        """Blocking, this call alone. Stops between micro-batches (CancelledError) once `cancel` is set."""
+        self.validate(request)
+        ids = self._tokenize(request.texts)
+        self._check_lengths(ids)
+        vectors = self._encode(ids, cancel)
+        return EmbedResult(_normalized(vectors) if request.normalize else vectors, sum(map(len, ids)))
+
+    def _embed_batch(self, batch: Sequence[Work[EmbedRequest, EmbedResult]]) -> list[EmbedResult | Exception]:
+        """The texts of every request in one pass; a request with a text too long fails alone."""
+        ids = self._tokenize([text for work in batch for text in work.item.texts])
+        owned: list[list[list[int]]] = []  # each request's token rows
+        for work in batch:
+            owned.append(ids[:len(work.item.texts)])
+            ids = ids[len(work.item.texts):]
+        answers: list[EmbedResult | Exception] = []
+        for rows in owned:
+            try:
+                self._check_lengths(rows)
+                answers.append(EmbedResult(np.empty((len(rows), self.dimensions), np.float32), sum(map(len, rows))))
+            except OutOfRange as exc:
+                answers.append(exc)
+        runnable = [k for k, answer in enumerate(answers) if isinstance(answer, EmbedResult)]
+        vectors = self._encode([row for k in runnable for row in owned[k]])
+        start = 0
+        for k in runnable:
+            own = vectors[start:start + len(owned[k])]
+            start += len(own)
+            answers[k].vectors = _normalized(own) if batch[k].item.normalize else own  # type: ignore[union-attr]
+        return answers
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
         with self._tokenizer_lock:
-            ids = self.tokenizer(request.texts, add_special_tokens=True, truncation=False)["input_ids"]
-        lengths = [len(x) for x in ids]
-        for i, n in enumerate(lengths):
-            if n > self.max_tokens:
+            return self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+
+    def _check_lengths(self, ids: list[list[int]]) -> None:
+        for i, row in enumerate(ids):
+            if len(row) > self.max_tokens:
                 raise OutOfRange(
-                    f"texts[{i}] is {n} tokens; the limit is {self.max_tokens}", field=f"texts[{i}]"
+                    f"texts[{i}] is {len(row)} tokens; the limit is {self.max_tokens}", field=f"texts[{i}]"
                 )
+
+    def _encode(self, ids: list[list[int]], cancel: threading.Event | None = None) -> np.ndarray:
+        """Pooled vectors of token id rows, in their order. Rows of similar length share a
+        micro-batch, so that short texts pay for little padding."""
         vectors = np.empty((len(ids), self.dimensions), dtype=np.float32)
-        order = sorted(range(len(ids)), key=lengths.__getitem__)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         step = self.limits.micro_batch
         for start in range(0, len(order), step):
             if cancel is not None and cancel.is_set():
@@ -114,11 +164,13 @@ class EmbeddingEngine:
                 )
             with torch.inference_mode():
                 states = self.model(**batch).last_hidden_state
-                pooled = _pool(states, batch["attention_mask"], self.pooling)
-                if request.normalize:
-                    pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            vectors[chunk] = pooled.numpy()
-        return EmbedResult(vectors, sum(lengths))
+                vectors[chunk] = _pool(states, batch["attention_mask"], self.pooling).numpy()
+        return vectors
+
+
+def _normalized(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (as torch.nn.functional.normalize does)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def _pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

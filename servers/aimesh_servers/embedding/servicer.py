@@ -1,9 +1,6 @@
-"""EmbeddingService: converts requests, calls EmbeddingEngine off the loop, answers."""
+"""EmbeddingService: converts requests, awaits EmbeddingEngine's batcher, answers."""
 
 from __future__ import annotations
-
-import threading
-from collections.abc import Iterator
 
 import grpc
 from aimesh.common.v1 import common_pb2
@@ -17,8 +14,7 @@ from ..runtime.service import (
     send_served_by,
     served_by,
 )
-from ..runtime.streams import iterate_in_thread
-from .engine import EmbeddingEngine, EmbedRequest, EmbedResult
+from .engine import EmbeddingEngine, EmbedRequest
 
 
 class EmbeddingServicer(EngineServicer, pb_grpc.EmbeddingServiceServicer):
@@ -30,12 +26,7 @@ class EmbeddingServicer(EngineServicer, pb_grpc.EmbeddingServiceServicer):
         asked = requested_model(request.model, context)
         model = resolve_model(self.models, asked, request.model_version)
         embed = EmbedRequest(texts=list(request.texts), normalize=request.normalize)
-        self.engine.validate(embed)  # cheap checks before tokenizing in a worker
-
-        def work(cancel: threading.Event) -> Iterator[EmbedResult]:
-            yield self.engine.embed(embed, cancel)
-
-        [result] = [r async for r in iterate_in_thread(work)]
+        result = await self.engine.embed_batched(embed)
         served = served_by(model, self.pool, asked)
         await send_served_by(context, served)
         return pb.EmbedResponse(
