@@ -53,6 +53,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The caller's identity may not do this (scope, model, capability or another tenant's data)."""
     ERROR_REASON_BUDGET_EXHAUSTED: _ErrorReason.ValueType  # 14
     """The tenant's money budget for the period is spent."""
+    ERROR_REASON_TENANT_NOT_FOUND: _ErrorReason.ValueType  # 15
+    """The named tenant does not exist; metadata["tenant_id"] names it."""
+    ERROR_REASON_TOKEN_NOT_FOUND: _ErrorReason.ValueType  # 16
+    """The named token id (jti) does not exist; metadata["token_id"] names it."""
+    ERROR_REASON_TENANT_ALREADY_EXISTS: _ErrorReason.ValueType  # 17
+    """A tenant with that id exists already; metadata["tenant_id"] names it."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable machine-readable reasons carried in google.rpc.ErrorInfo.reason
@@ -89,6 +95,12 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 13
 """The caller's identity may not do this (scope, model, capability or another tenant's data)."""
 ERROR_REASON_BUDGET_EXHAUSTED: ErrorReason.ValueType  # 14
 """The tenant's money budget for the period is spent."""
+ERROR_REASON_TENANT_NOT_FOUND: ErrorReason.ValueType  # 15
+"""The named tenant does not exist; metadata["tenant_id"] names it."""
+ERROR_REASON_TOKEN_NOT_FOUND: ErrorReason.ValueType  # 16
+"""The named token id (jti) does not exist; metadata["token_id"] names it."""
+ERROR_REASON_TENANT_ALREADY_EXISTS: ErrorReason.ValueType  # 17
+"""A tenant with that id exists already; metadata["tenant_id"] names it."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
