@@ -134,3 +134,30 @@ class Unauthenticated(AimeshError):
 class PermissionDenied(AimeshError):
     code = grpc.StatusCode.PERMISSION_DENIED
     reason = common_pb2.ERROR_REASON_PERMISSION_DENIED
+
+
+class TenantNotFound(AimeshError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = common_pb2.ERROR_REASON_TENANT_NOT_FOUND
+
+    def __init__(self, tenant_id: str, *, field: str = "tenant_id") -> None:
+        super().__init__(f"unknown tenant {tenant_id!r}", field=field,
+                         metadata={"tenant_id": tenant_id})
+
+
+class TokenNotFound(AimeshError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = common_pb2.ERROR_REASON_TOKEN_NOT_FOUND
+
+    def __init__(self, token_id: str) -> None:
+        super().__init__(f"unknown token id {token_id!r}", field="token_id",
+                         metadata={"token_id": token_id})
+
+
+class TenantAlreadyExists(AimeshError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = common_pb2.ERROR_REASON_TENANT_ALREADY_EXISTS
+
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(f"tenant {tenant_id!r} exists already", field="tenant_id",
+                         metadata={"tenant_id": tenant_id})
