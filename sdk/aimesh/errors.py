@@ -21,6 +21,8 @@ class AimeshError(Exception):
     metadata: dict[str, str] = field(default_factory=dict)
     retry_after_s: float | None = None
     field_violations: dict[str, str] = field(default_factory=dict)
+    # google.rpc.QuotaFailure: the limits that refused the call, subject -> description.
+    quota_violations: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         reason = f" [{self.reason}]" if self.reason else ""
@@ -36,7 +38,14 @@ class NotFoundError(AimeshError):
 
 
 class ResourceExhaustedError(AimeshError):
-    """A server is full or a tenant limit is reached; retry after `retry_after_s`."""
+    """A server is full (reason SERVER_BUSY), a tenant limit is reached (RATE_LIMITED) or
+    its budget is spent (BUDGET_EXHAUSTED); retry after `retry_after` seconds.
+    `quota_violations` names the limits that refused the call."""
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds to wait before retrying (the server's RetryInfo); None when it gave none."""
+        return self.retry_after_s
 
 
 class UnavailableError(AimeshError):
@@ -91,6 +100,10 @@ def from_rpc_error(error: grpc.RpcError) -> AimeshError:
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 result.field_violations = {v.field: v.description for v in bad.field_violations}
+            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                quota = error_details_pb2.QuotaFailure()
+                detail.Unpack(quota)
+                result.quota_violations = {v.subject: v.description for v in quota.violations}
     return result
 
 
