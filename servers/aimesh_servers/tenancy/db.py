@@ -19,6 +19,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# Execution option: on SQLite, begin the transaction with the database's write lock
+# (BEGIN IMMEDIATE), so a read-then-write transaction cannot race another writer.
+WRITE_LOCK_OPTION = "aimesh_write_lock"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
@@ -181,7 +184,8 @@ def make_engine(url: str, **kwargs: object) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(connection):  # type: ignore[no-untyped-def]
-            connection.exec_driver_sql("BEGIN")
+            immediate = connection.get_execution_options().get(WRITE_LOCK_OPTION)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
     if parsed.get_backend_name() == "postgresql":
