@@ -16,8 +16,10 @@ from .speech import (
     SpeechToTextClient,
     TextToSpeechClient,
 )
+from .tenancy import AsyncTenantsClient, TenantsClient
 from .text import AsyncTextClient, TextClient
 from .transport import DEFAULT_TIMEOUT_S, AsyncTransport, Transport, channel_options
+from .usage import AsyncUsageClient, UsageClient
 from .vision import AsyncVisionClient, VisionClient
 
 
@@ -44,6 +46,8 @@ class Client:
         self.image = ImageClient(transport)
         self.stt = SpeechToTextClient(transport)
         self.tts = TextToSpeechClient(transport)
+        self.tenants = TenantsClient(transport)  # admin scope
+        self.usage = UsageClient(transport)
 
     def close(self) -> None:
         self.channel.close()
@@ -73,6 +77,8 @@ class AsyncClient:
         self.image = AsyncImageClient(transport)
         self.stt = AsyncSpeechToTextClient(transport)
         self.tts = AsyncTextToSpeechClient(transport)
+        self.tenants = AsyncTenantsClient(transport)  # admin scope
+        self.usage = AsyncUsageClient(transport)
 
     async def close(self) -> None:
         await self.channel.close()
