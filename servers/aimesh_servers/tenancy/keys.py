@@ -154,7 +154,7 @@ def load_trusted_issuers(path: str | Path) -> list[TrustedIssuer]:
         for jwk in document["keys"]:
             try:
                 jwt.PyJWK(jwk)
-            except jwt.PyJWKError as exc:
+            except (jwt.PyJWKError, jwt.InvalidKeyError) as exc:
                 raise ValueError(f"{where}: bad key {jwk.get('kid', '?')!r}: {exc}") from None
         known = {"issuer", "audiences", "jwks", "jwks_file", "tenant_claim", "scope_claim"}
         if unknown := sorted(set(entry) - known):

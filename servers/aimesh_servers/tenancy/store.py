@@ -420,7 +420,12 @@ class TenantStore:
         return jwt_keys.jwks(self.signing_keys())
 
     def _add_key(self) -> jwt_keys.SigningKey:
-        key = jwt_keys.new_signing_key(self.clock())
+        # Strictly after every key before it: the newest key signs, by created_at.
+        newest = self.signing_keys(include_retired=True)
+        now = self.clock()
+        if newest and newest[-1].created_at >= now:
+            now = newest[-1].created_at + timedelta(microseconds=1)
+        key = jwt_keys.new_signing_key(now)
         with self.engine.begin() as conn:
             conn.execute(signing_keys.insert().values(
                 id=key.id, algorithm=key.algorithm, private_pem=key.private_pem,
