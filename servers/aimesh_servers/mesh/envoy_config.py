@@ -1,13 +1,18 @@
 """Envoy bootstrap generated from the model registry (typed data in, validated YAML out).
 
 Shape of the front door:
-- one listener: header_mutation (drop identity headers a caller could forge) -> Lua (copy
-  {model} from `/v1/models/{model}:verb` into `x-aimesh-model`) -> gRPC-JSON transcoder
-  (HTTP/JSON, server streams as SSE) -> router;
-- routes: reflection, health, registry and usage -> control server; per model and
-  service, `x-aimesh-model: <id>` -> that model's cluster; a call that names no model goes
-  to the capability's default model; one naming an unknown model goes to the control
-  server, which answers NOT_FOUND listing the models that exist;
+- one listener: header_mutation (drop internal headers a caller could forge) -> gRPC-JSON
+  transcoder (HTTP/JSON, server streams as SSE) -> jwt_authn (ECDS file: verified claims
+  into x-aimesh-tenant/-scopes/-token-id; only with tenancy on) -> Lua (copy {model} from
+  `/v1/models/{model}:verb` into `x-aimesh-model`, then admission: see tenancy_envoy) ->
+  router. jwt_authn and Lua sit after the transcoder so they see the gRPC path of every
+  call (with jwt_authn before it, an HTTP/JSON call without a token got through);
+- routes from an RDS file (rewritten at runtime with the admission state in each route's
+  metadata): reflection, health and the registry -> control server (no token needed);
+  tenant and usage APIs -> control; per model and service, `x-aimesh-model: <id>` -> that
+  model's cluster; a call that names no model goes to the capability's default model; one
+  naming an unknown model goes to the control server, which answers NOT_FOUND listing the
+  models that exist; the servers' usage ingest service is never routed from outside;
 - one cluster per model, endpoints from EDS files the mesh controller writes (one
   priority level per pool: the fallback chain), with gRPC health checks, outlier
   detection, retries onto the next priority, a retry budget and circuit breakers.
@@ -27,36 +32,45 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from ..registry.schema import Model, Registry
 from ..runtime.errors import DOMAIN
+from .tenancy_envoy import (
+    ADMIN_CAPABILITY,
+    INGEST_SERVICE_PREFIX,
+    INITIAL_ADMISSION,
+    INTERNAL_HEADERS,
+    PUBLIC_PREFIXES,
+    REASON_HEADER,
+    SERVICE_CAPABILITY,
+    TENANT_SERVICE_PREFIX,
+    TOKEN_ID_HEADER,
+    USAGE_CAPABILITY,
+    USAGE_SERVICE_PREFIX,
+    jwt_filter,
+    lua_filter,
+    route_metadata,
+)
 
 MODEL_HEADER = "x-aimesh-model"
-# Identity headers only Envoy may set (after verifying a token); a caller's copy is dropped.
-FORGEABLE_HEADERS = ("x-tenant",)
 CONTROL_CLUSTER = "control"
-CONTROL_PREFIXES = (
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-    "/grpc.health.v1.Health/",
-    "/aimesh.registry.v1.ModelRegistryService/",
-    "/aimesh.usage.v1.UsageService/",
-)
+ROUTE_CONFIG_NAME = "aimesh"
 RETRY_ON = "unavailable,cancelled,resource-exhausted,connect-failure,refused-stream,reset"
 
-LUA_MODEL_FROM_PATH = """
-function envoy_on_request(handle)
-  local path = handle:headers():get(":path") or ""
-  local model = string.match(path, "^/v1/models/([^/:?]+):")
-  if model then handle:headers():replace("x-aimesh-model", model) end
-end
-"""
-
+# One JSON line per call; the usage collector tails it (joined with the servers' reports on
+# request_id) to record calls refused at the edge.
 ACCESS_LOG_FORMAT = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
     "time": "%START_TIME%",
+    "start_ms": "%START_TIME(%s%3f)%",
     "method": "%REQ(:METHOD)%",
     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
     "model": "%REQ(X-AIMESH-MODEL)%",
     "served_model": "%RESP(X-AIMESH-SERVED-MODEL)%",
     "pool": "%RESP(X-AIMESH-POOL)%",
-    "tenant": "%REQ(X-TENANT)%",
+    "served_version": "%RESP(X-AIMESH-SERVED-VERSION)%",
+    "tenant": "%REQ(X-AIMESH-TENANT)%",
+    "token_id": "%REQ(X-AIMESH-TOKEN-ID)%",
+    "reason": "%RESP(X-AIMESH-REASON)%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "trace_id": "%REQ(TRACEPARENT)%",
     "cluster": "%UPSTREAM_CLUSTER%",
     "upstream": "%UPSTREAM_HOST%",
     "http_status": "%RESPONSE_CODE%",
@@ -76,6 +90,8 @@ class MeshSpec:
     port: int = 8080
     admin_port: int = 9901
     route_timeout_s: int = 300
+    # False: no jwt_authn and no admission (the benchmark baseline; `aimesh up --no-tenancy`).
+    tenancy: bool = True
 
     @property
     def eds_dir(self) -> Path:
@@ -87,6 +103,14 @@ class MeshSpec:
 
     def eds_path(self, model: Model) -> Path:
         return self.eds_dir / f"{model.cluster}.yaml"
+
+    @property
+    def routes_path(self) -> Path:
+        return self.state_dir / "rds" / "routes.yaml"
+
+    @property
+    def jwt_config_path(self) -> Path:
+        return self.state_dir / "ecds" / "jwt_authn.yaml"
 
 
 def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
@@ -168,9 +192,14 @@ def control_cluster(spec: MeshSpec) -> dict[str, Any]:
 
 
 def _retry_policy() -> dict[str, Any]:
+    """At most 3 attempts per call, Envoy's and the SDK's together: Envoy retries a call's
+    first attempt once (onto the next pool), and never an attempt that is itself a
+    client's retry (gRPC marks those with `grpc-previous-rpc-attempts`); the SDK makes at
+    most 2 attempts (aimesh.client.transport.MAX_ATTEMPTS). So 2 + 1 = 3."""
     return {
         "retry_on": RETRY_ON,
-        "num_retries": 2,
+        "num_retries": 1,
+        "retriable_request_headers": [{"name": "grpc-previous-rpc-attempts", "present_match": False}],
         "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
         "retry_host_predicate": [{
             "name": "envoy.retry_host_predicates.previous_hosts",
@@ -189,7 +218,8 @@ def _retry_policy() -> dict[str, Any]:
     }
 
 
-def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool) -> dict[str, Any]:
+def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool,
+                 admission: dict[str, Any]) -> dict[str, Any]:
     match: dict[str, Any] = {"prefix": f"/{service}/"}
     if by_header:
         match["headers"] = [{"name": MODEL_HEADER, "string_match": {"exact": model.id}}]
@@ -205,38 +235,56 @@ def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool) ->
             "max_stream_duration": {"grpc_timeout_header_max": _duration(spec.route_timeout_s)},
             "retry_policy": _retry_policy(),
         },
+        "metadata": route_metadata(SERVICE_CAPABILITY.get(service, ""), model.id, False, admission),
     }
 
 
-def routes(spec: MeshSpec) -> list[dict[str, Any]]:
+def _control_route(prefix: str, capability: str, public: bool,
+                   admission: dict[str, Any]) -> dict[str, Any]:
+    return {"match": {"prefix": prefix}, "route": {"cluster": CONTROL_CLUSTER, "timeout": "30s"},
+            "metadata": route_metadata(capability, "", public, admission)}
+
+
+def routes(spec: MeshSpec, admission: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    admission = admission if admission is not None else INITIAL_ADMISSION
     out: list[dict[str, Any]] = [
-        {"match": {"prefix": prefix}, "route": {"cluster": CONTROL_CLUSTER, "timeout": "30s"}}
-        for prefix in CONTROL_PREFIXES
+        *(_control_route(prefix, "", True, admission) for prefix in PUBLIC_PREFIXES),
+        _control_route(TENANT_SERVICE_PREFIX, ADMIN_CAPABILITY, False, admission),
+        _control_route(USAGE_SERVICE_PREFIX, USAGE_CAPABILITY, False, admission),
+        # Servers report usage to the control plane directly; never from the front door.
+        {"match": {"prefix": INGEST_SERVICE_PREFIX}, "direct_response": {
+            "status": 404, "body": {"inline_string": "usage ingest is internal to the mesh\n"}}},
     ]
     defaults: set[str] = set()
     for model in spec.registry.models:
         for service in model.services:
-            out.append(_model_route(spec, service, model, by_header=True))
+            out.append(_model_route(spec, service, model, True, admission))
     for model in spec.registry.models:
         for service in model.services:
             if service not in defaults:  # the first model of a capability is its default
                 defaults.add(service)
-                out.append(_model_route(spec, service, model, by_header=False))
+                out.append(_model_route(spec, service, model, False, admission))
     # Any other aimesh call names a model that does not exist: control answers NOT_FOUND.
-    out.append({"match": {"prefix": "/aimesh."}, "route": {"cluster": CONTROL_CLUSTER, "timeout": "30s"}})
+    out.append(_control_route("/aimesh.", "", False, admission))
     out.append({"match": {"prefix": "/"}, "direct_response": {
         "status": 404, "body": {"inline_string": "no such aimesh route; see GET /v1/models\n"}}})
     return out
+
+
+def route_configuration(spec: MeshSpec, admission: dict[str, Any]) -> dict[str, Any]:
+    """The RDS resource: every route, with `admission` in each route's metadata."""
+    return {
+        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+        "name": ROUTE_CONFIG_NAME,
+        "virtual_hosts": [{"name": "aimesh", "domains": ["*"], "routes": routes(spec, admission)}],
+    }
 
 
 def http_filters(spec: MeshSpec, services: list[str]) -> list[dict[str, Any]]:
     return [
         {"name": "envoy.filters.http.header_mutation", "typed_config": _typed(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            mutations={"request_mutations": [{"remove": h} for h in FORGEABLE_HEADERS]})},
-        {"name": "envoy.filters.http.lua", "typed_config": _typed(
-            "envoy.extensions.filters.http.lua.v3.Lua",
-            default_source_code={"inline_string": LUA_MODEL_FROM_PATH})},
+            mutations={"request_mutations": [{"remove": h} for h in INTERNAL_HEADERS]})},
         {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": _typed(
             "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             proto_descriptor=str(spec.descriptor_path),
@@ -249,6 +297,8 @@ def http_filters(spec: MeshSpec, services: list[str]) -> list[dict[str, Any]]:
             },
             request_validation_options={"reject_unknown_query_parameters": True},
         )},
+        *([jwt_filter(spec)] if spec.tenancy else []),
+        lua_filter(spec.tenancy),
         {"name": "envoy.filters.http.router", "typed_config": _typed(
             "envoy.extensions.filters.http.router.v3.Router")},
     ]
@@ -269,10 +319,52 @@ def _unavailable(model: Model) -> tuple[str, status_pb2.Status]:
     return message, status
 
 
+# jwt_authn's refusals: 401 (no token, expired, unknown key, bad signature) and 403
+# (wrong audience), before any tenant header is set.
+TOKEN_REFUSALS = {401: (code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
+                  403: (code_pb2.PERMISSION_DENIED, "PERMISSION_DENIED")}
+_TOKEN_HELP = "this call needs a valid token from a trusted issuer (Authorization: Bearer <jwt>)"
+
+
+def _token_refusal_mappers() -> list[dict[str, Any]]:
+    """jwt_authn's refusals become AIP-193 too (ErrorInfo reason, x-aimesh-reason for the
+    access log). grpc-message keeps jwt_authn's own words ("Jwt is expired"); the Status
+    in grpc-status-details-bin carries a general message, as the details are static."""
+    mappers = []
+    unverified = {"header_filter": {"header": {"name": TOKEN_ID_HEADER, "present_match": False}}}
+    from_http = {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}}
+    for http_status, (code, reason) in TOKEN_REFUSALS.items():
+        refused = {"status_code_filter": {"comparison": {
+            "op": "EQ", "value": {"default_value": http_status, "runtime_key": "aimesh.unused"}}}}
+        info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
+        status = status_pb2.Status(code=code, message=_TOKEN_HELP)
+        status.details.add().Pack(info)
+        reason_header = {"header": {"key": REASON_HEADER, "value": reason},
+                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        mappers.append({
+            "filter": {"and_filter": {"filters": [refused, unverified, from_http]}},
+            "headers_to_add": [reason_header],
+            "body_format_override": {
+                "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": [
+                    {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
+                     "domain": DOMAIN, "metadata": {}}]},
+                "content_type": "application/json"},
+        })
+        mappers.append({
+            "filter": {"and_filter": {"filters": [refused, unverified]}},
+            "headers_to_add": [reason_header, {
+                "header": {"key": "grpc-status-details-bin",
+                           "value": base64.b64encode(status.SerializeToString()).decode().rstrip("=")},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        })
+    return mappers
+
+
 def local_reply_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
     """Envoy's own 'no healthy upstream' becomes AIP-193: UNAVAILABLE + ErrorInfo naming the
-    model, as grpc-status-details-bin for gRPC callers and a google.rpc.Status JSON body over HTTP."""
-    mappers = []
+    model, as grpc-status-details-bin for gRPC callers and a google.rpc.Status JSON body over
+    HTTP; so do jwt_authn's refusals."""
+    mappers = _token_refusal_mappers() if spec.tenancy else []
     for model in spec.registry.models:
         message, status = _unavailable(model)
         details_bin = base64.b64encode(status.SerializeToString()).decode().rstrip("=")
@@ -306,9 +398,17 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="aimesh",
         codec_type="AUTO",
-        route_config={"name": "aimesh", "virtual_hosts": [
-            {"name": "aimesh", "domains": ["*"], "routes": routes(spec)}]},
+        # Routes from a file (RDS) so the admission state in their metadata changes at runtime.
+        rds={"route_config_name": ROUTE_CONFIG_NAME, "config_source": {
+            "resource_api_version": "V3", "path_config_source": {
+                "path": str(spec.routes_path),
+                "watched_directory": {"path": str(spec.routes_path.parent)}}}},
         http_filters=http_filters(spec, services),
+        # This is the edge: the peer's address is the caller's, and none of a caller's
+        # x-envoy-* or x-request-id headers is trusted (the request id is regenerated, as
+        # usage records join on it).
+        use_remote_address=True,
+        xff_num_trusted_hops=0,
         access_log=[{"name": "envoy.access_loggers.file", "typed_config": _typed(
             "envoy.extensions.access_loggers.file.v3.FileAccessLog",
             path=str(spec.state_dir / "access.log"),

@@ -15,6 +15,7 @@ from .children import terminate_with_parent
 from .controller import EndpointController, write_atomically
 from .descriptors import descriptor_set, service_names
 from .envoy_config import MeshSpec, bootstrap
+from .tenancy_envoy import INITIAL_ADMISSION, write_jwt_config, write_routes
 
 
 class EnvoyError(RuntimeError):
@@ -30,10 +31,15 @@ def envoy_binary() -> str:
 
 
 def write_config(spec: MeshSpec, controller: EndpointController) -> Path:
-    """Descriptor set, one (possibly empty) EDS file per model, and the bootstrap."""
+    """Descriptor set, one (possibly empty) EDS file per model, the routes (RDS) and the
+    JWT providers (ECDS) until the quota controller publishes its own (no provider: every
+    call that needs a token is refused), and the bootstrap."""
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     spec.descriptor_path.write_bytes(descriptor_set())
     controller.apply(controller.instances)
+    write_routes(spec, INITIAL_ADMISSION)
+    if spec.tenancy:
+        write_jwt_config(spec, [])
     path = spec.state_dir / "envoy.yaml"
     write_atomically(path, yaml.safe_dump(bootstrap(spec, service_names()), sort_keys=False))
     return path
@@ -50,7 +56,13 @@ def start(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its life
     return subprocess.Popen(
         terminate_with_parent([
-            envoy_binary(), "-c", str(config), "--concurrency", "2", "--log-level", "warning",
+            envoy_binary(), "-c", str(config), "--log-level", "warning",
+            # One worker: the admission filter's request counters (Lua globals, one set per
+            # worker) then count every call of this front door, so limits are exact. One
+            # worker proxies far more calls/s than the model servers behind it answer.
+            "--concurrency", "1",
+            # The usage collector tails the access log to record calls refused at the edge.
+            "--file-flush-interval-msec", "200",
             # No hot restart: several meshes (tests, a developer's `aimesh up`) share one machine.
             "--disable-hot-restart", "--drain-time-s", "2"]),
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
