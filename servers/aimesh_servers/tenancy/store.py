@@ -144,8 +144,9 @@ def check_limit(limit: Limit, field: str = "limit") -> Limit:
         raise InvalidArgument(
             f"unknown capability {limit.capability!r}; use one of {', '.join(SERVICES)} or "
             f"'{ALL_CAPABILITIES}'", field=f"{field}.capability")
-    if limit.model:
-        _check_models([limit.model], f"{field}.model")
+    if limit.model and not MODEL_ID.match(limit.model):
+        raise InvalidArgument(f"model id {limit.model!r} must be 1-200 characters without "
+                              "spaces or commas", field=f"{field}.model")
     if limit.kind not in KINDS:
         raise InvalidArgument(f"limit kind must be one of {', '.join(KINDS)}",
                               field=f"{field}.kind")
@@ -321,6 +322,8 @@ class TenantStore:
         checked = check_scopes(scopes)
         if not timedelta(seconds=1) <= ttl <= MAX_TOKEN_TTL:
             raise InvalidArgument(f"ttl must be 1 s to {MAX_TOKEN_TTL.days} days", field="ttl")
+        with self.engine.connect() as conn:
+            self._require_tenant(conn, tenant_id)  # before a first key is made for nothing
         key = self.ensure_signing_key()
         with self.engine.begin() as conn:
             self._require_tenant(conn, tenant_id)
