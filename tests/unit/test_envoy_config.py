@@ -64,3 +64,18 @@ def test_routes_send_model_header_to_its_cluster_and_unknown_models_to_control(t
     assert table[-2]["match"]["prefix"] == "/aimesh." and table[-2]["route"]["cluster"] == "control"
     admin = bootstrap(spec, ["aimesh.text.v1.TextGenerationService"])["admin"]
     assert admin["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_routes_come_from_the_rds_file_write_config_writes(tmp_path):
+    spec = MeshSpec(registry=load_registry(write(tmp_path, GOOD)), state_dir=tmp_path, control_port=1)
+    config = yaml.safe_load(write_config(spec, EndpointController(spec, spec.registry)).read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "route_config" not in hcm
+    source = hcm["rds"]["config_source"]["path_config_source"]
+    assert source["path"] == str(spec.routes_path)
+    assert source["watched_directory"]["path"] == str(spec.routes_path.parent)
+    served = yaml.safe_load(spec.routes_path.read_text())["resources"][0]
+    assert served["name"] == hcm["rds"]["route_config_name"]
+    assert served["virtual_hosts"][0]["routes"] == routes(spec)
+    # The edge: a caller's x-envoy-* and x-request-id are not trusted.
+    assert hcm["use_remote_address"] is True and hcm["xff_num_trusted_hops"] == 0
