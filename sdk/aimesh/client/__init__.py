@@ -18,7 +18,7 @@ from .speech import (
 )
 from .tenancy import AsyncTenantsClient, TenantsClient
 from .text import AsyncTextClient, TextClient
-from .transport import DEFAULT_TIMEOUT_S, AsyncTransport, Transport, channel_options
+from .transport import DEFAULT_TIMEOUT_S, MAX_ATTEMPTS, AsyncTransport, Transport, channel_options
 from .usage import AsyncUsageClient, UsageClient
 from .vision import AsyncVisionClient, VisionClient
 
@@ -29,13 +29,15 @@ class Client:
     target: host:port of the mesh front door (Envoy) or of one server.
     token: the tenant's JWT, sent as `authorization: Bearer ...`.
     timeout: default deadline in seconds for every call (each call can override it).
-    max_attempts: attempts for calls that fail UNAVAILABLE before any response (1 = no retry).
+    max_attempts: attempts per call (1 = no retry, at most 2) for calls that fail UNAVAILABLE,
+        or RESOURCE_EXHAUSTED from a busy server, before any response.
+    retry_busy: retry a busy server's RESOURCE_EXHAUSTED after the delay it asks for.
     """
 
     def __init__(self, target: str = "localhost:8080", *, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, max_attempts: int = 3,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
-        options = channel_options(max_attempts)
+                 timeout: float = DEFAULT_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
+                 retry_busy: bool = True, credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = channel_options(max_attempts, retry_busy)
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
         transport = Transport(self.channel, token, timeout)
@@ -64,9 +66,9 @@ class AsyncClient:
     Same arguments and sub-clients as Client, with awaitable calls and async iterators."""
 
     def __init__(self, target: str = "localhost:8080", *, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, max_attempts: int = 3,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
-        options = channel_options(max_attempts)
+                 timeout: float = DEFAULT_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
+                 retry_busy: bool = True, credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = channel_options(max_attempts, retry_busy)
         self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                         else grpc.aio.insecure_channel(target, options))
         transport = AsyncTransport(self.channel, token, timeout)

@@ -2,8 +2,19 @@
 
 Each call gets a deadline (the client's default or the call's own `timeout`), the
 tenant token as `authorization: Bearer ...`, and the routing header naming the
-model. Retries are a gRPC service config on the channel (UNAVAILABLE only, and only
-before any response arrived), never hand-written loops.
+model. Retries are a gRPC service config on the channel, never hand-written loops: a
+call that fails UNAVAILABLE, or RESOURCE_EXHAUSTED from a busy server (`retry_busy`),
+before any response arrived is tried again, at most `max_attempts` times in all.
+
+A busy aimesh server answers RESOURCE_EXHAUSTED with RetryInfo and the same delay,
+jittered, as `grpc-retry-pushback-ms`, which gRPC waits for before the next attempt; it
+sends -1 (no retry) when that delay would not fit the call's deadline. `retryThrottling`
+stops retries on a channel whose calls mostly fail, so retries cannot multiply load.
+
+Attempt budget, Envoy included: at most 3 per call. The front door retries a call's
+first attempt once, onto the next pool of the fallback chain, and never an attempt that
+is itself a retry (one carrying `grpc-previous-rpc-attempts`); so with MAX_ATTEMPTS = 2
+a call costs at most 2 + 1 = 3 attempts (see `_retry_policy` in the Envoy config).
 """
 
 from __future__ import annotations
@@ -21,26 +32,37 @@ DEFAULT_TIMEOUT_S = 120.0
 Resp = TypeVar("Resp")
 
 
-def service_config(max_attempts: int = 3) -> str:
+MAX_ATTEMPTS = 2
+# gRPC's retry throttling per channel: each failed call costs a token, each success earns
+# 0.1; below half of the tokens, no call is retried.
+RETRY_THROTTLING = {"maxTokens": 10, "tokenRatio": 0.1}
+
+
+def service_config(max_attempts: int = MAX_ATTEMPTS, retry_busy: bool = True) -> str:
     """Retry policy for every aimesh service as a gRPC service config (JSON)."""
+    codes = ["UNAVAILABLE", "RESOURCE_EXHAUSTED"] if retry_busy else ["UNAVAILABLE"]
     policy = {
         "maxAttempts": max_attempts,
         "initialBackoff": "0.2s",
         "maxBackoff": "2s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        "retryableStatusCodes": codes,
     }
-    return json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": policy}]})
+    return json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": policy}],
+                       "retryThrottling": RETRY_THROTTLING})
 
 
-def channel_options(max_attempts: int) -> list[tuple[str, Any]]:
+def channel_options(max_attempts: int = MAX_ATTEMPTS, retry_busy: bool = True) -> list[tuple[str, Any]]:
+    if not 1 <= max_attempts <= MAX_ATTEMPTS:
+        raise ValueError(f"max_attempts must be 1 (no retry) to {MAX_ATTEMPTS}: the front door may "
+                         f"add one try, and a call never costs more than 3; got {max_attempts}")
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
     ]
     if max_attempts > 1:
-        options.append(("grpc.service_config", service_config(max_attempts)))
+        options.append(("grpc.service_config", service_config(max_attempts, retry_busy)))
     return options
 
 

@@ -6,6 +6,10 @@ guidance, seeds; the input image is decoded here), raising domain errors; then
 denoising step (from `callback_on_step_end`), then each `FinishedImage`, then `Done`.
 The step callback checks a cancel event and raises, which ends the denoising loop
 itself (and skips the VAE decode) when the caller goes away.
+
+A pipeline object and its scheduler hold per-call state, so the engine runs one request
+at a time: `capacity` is 1, and the server's admission queue (not a lock in here) holds
+the calls that wait. Code that drives the engine without a server must do the same.
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ class ImageEngine:
     source: str
     limits: EngineLimits = field(default_factory=EngineLimits)
     threads: int = 2
+    # Requests the pipeline runs at once: the server's admission slots.
+    capacity: int = 1
     # Denoising steps run over the engine's life: observable proof that work stops on cancel.
     steps_run: int = 0
 
@@ -130,8 +136,6 @@ class ImageEngine:
         self.default_guidance = float(defaults["guidance_scale"].default)
         sample = getattr(self.text2img, "default_sample_size", None) or self.text2img.unet.config.sample_size
         self.default_side = int(sample * self.text2img.vae_scale_factor)
-        # A pipeline object and its scheduler hold per-call state: one generation at a time.
-        self._busy = threading.Lock()
         self._count_lock = threading.Lock()
 
     def prepare(self, request: ImageRequest) -> Job:
@@ -264,15 +268,9 @@ class ImageEngine:
 
         def run() -> None:
             try:
-                while not self._busy.acquire(timeout=0.05):  # queued behind another call
-                    if cancel.is_set():
-                        raise _Stop
-                try:
-                    generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
-                    out = pipe(**job.kwargs, generator=generators, callback_on_step_end=on_step,
-                               output_type="pil")
-                finally:
-                    self._busy.release()
+                generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
+                out = pipe(**job.kwargs, generator=generators, callback_on_step_end=on_step,
+                           output_type="pil")
                 events.put(out.images)
             except _Stop:
                 events.put(None)

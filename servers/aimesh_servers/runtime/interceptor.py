@@ -2,49 +2,57 @@
 
 It (1) parses request bytes itself, so that bytes that do not decode get
 INVALID_ARGUMENT instead of grpc-python's UNKNOWN "Unexpected DecodeError";
-(2) bounds concurrency: a call beyond the limit gets RESOURCE_EXHAUSTED with RetryInfo
-at once, never a queue; (3) maps domain errors (AimeshError) to status + ErrorInfo.
-Health and reflection calls pass through untouched.
+(2) admits calls into slots (`Admission`): a call over capacity queues within its
+deadline or gets RESOURCE_EXHAUSTED with RetryInfo at once, before any byte of an
+answer; (3) maps domain errors (AimeshError) to status + ErrorInfo; (4) keeps the
+account of every admitted call (runtime.accounting). Health and reflection calls pass
+through untouched.
+
+Response headers go out once, with the first message (or the unary answer): who served
+the call (set by the servicer) and how long it queued (`x-aimesh-queue-wait-ms`,
+`x-aimesh-queue-depth`: calls ahead of it plus itself when it arrived, 0 = no wait).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from .errors import AimeshError, EngineFailure, MalformedRequest, ServerBusy
+from . import accounting
+from .admission import Admission, Ticket
+from .errors import AimeshError, EngineFailure, MalformedRequest
 from .service import SERVED_BY_METADATA
+from .streams import CALL_EXECUTOR
 
 log = logging.getLogger(__name__)
 
 _PASSTHROUGH = ("/grpc.health.v1.", "/grpc.reflection.")
+# gRPC clients with a retry policy wait this long before their next attempt, or make
+# none when it is negative: the SDK's retries follow RetryInfo through it.
+PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 
 
-class ConcurrencyLimit:
-    """Counts calls in flight; `try_acquire` fails instead of waiting."""
+class _Outcome:
+    """The final status of a call, as the account records it."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight = 0
+    def __init__(self) -> None:
+        self.code = grpc.StatusCode.OK
+        self.reason = ""
 
-    def try_acquire(self) -> bool:
-        if self.in_flight >= self.limit:
-            return False
-        self.in_flight += 1
-        return True
-
-    def release(self) -> None:
-        self.in_flight -= 1
+    def set(self, code: grpc.StatusCode, reason: str = "") -> None:
+        self.code, self.reason = code, reason
 
 
 class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, limit: ConcurrencyLimit, retry_after_s: float = 0.5) -> None:
-        self.limit = limit
-        self.retry_after_s = retry_after_s
+    def __init__(self, admission: Admission, executor: Executor | None = None) -> None:
+        self.admission = admission
+        self.executor = executor
 
     async def intercept_service(
         self,
@@ -72,35 +80,55 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             async for raw in raw_iter:
                 yield decode(raw)
 
-        async def admit(context: grpc.aio.ServicerContext) -> None:
-            if not self.limit.try_acquire():
-                await self._abort(context, ServerBusy(
-                    f"server is at its limit of {self.limit.limit} concurrent calls; retry later",
-                    metadata={"limit": str(self.limit.limit)},
-                    retry_after_s=self.retry_after_s,
-                ), method)
+        async def admit(context: grpc.aio.ServicerContext) -> Ticket:
+            try:
+                ticket = await self.admission.acquire(context.time_remaining())
+            except AimeshError as exc:
+                await self._abort(context, exc, method)
+            CALL_EXECUTOR.set(self.executor)
+            return ticket
+
+        async def send_headers(context: grpc.aio.ServicerContext, ticket: Ticket) -> None:
+            queue = (("x-aimesh-queue-wait-ms", str(round(ticket.wait_s * 1000))),
+                     ("x-aimesh-queue-depth", str(ticket.queue_depth)))
+            await context.send_initial_metadata((*(SERVED_BY_METADATA.get() or ()), *queue))
+
+        async def fail(context: grpc.aio.ServicerContext, exc: BaseException, outcome: _Outcome) -> None:
+            """Records why the call ended and answers with the right status."""
+            if isinstance(exc, AimeshError):
+                outcome.set(exc.code, exc.reason_name)
+                await self._abort(context, exc, method)
+            elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                outcome.set(grpc.StatusCode.CANCELLED)
+            elif isinstance(exc, (grpc.aio.AbortError, grpc.aio.UsageError)):
+                code = context.code()
+                outcome.set(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN)
+            else:  # a bug or engine crash: still a clean status
+                log.exception("%s failed", method, exc_info=exc)
+                failure = EngineFailure(f"{method} failed: {exc}")
+                outcome.set(failure.code, failure.reason_name)
+                await self._abort(context, failure, method)
 
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
             streaming_request = handler.stream_unary is not None
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await admit(context)
+                ticket = await admit(context)
+                account = accounting.begin(method, context)
+                outcome = _Outcome()
                 try:
                     req = decode_stream(request) if streaming_request else decode(request)
                     response = await inner(req, context)
-                    if served := SERVED_BY_METADATA.get():
-                        await context.send_initial_metadata(served)
+                    account.observe(response)
+                    await send_headers(context, ticket)
                     return response
-                except AimeshError as exc:
-                    await self._abort(context, exc, method)
-                except (grpc.aio.AbortError, grpc.aio.UsageError):
+                except BaseException as exc:
+                    await fail(context, exc, outcome)
                     raise
-                except Exception as exc:  # a bug or engine crash: still a clean status
-                    log.exception("%s failed", method)
-                    await self._abort(context, EngineFailure(f"{method} failed: {exc}"), method)
                 finally:
-                    self.limit.release()
+                    account.end(outcome.code, outcome.reason)
+                    self.admission.release(ticket)
 
             factory = (
                 grpc.stream_unary_rpc_method_handler
@@ -113,24 +141,24 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
         streaming_request = handler.stream_stream is not None
 
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await admit(context)
+            ticket = await admit(context)
+            account = accounting.begin(method, context)
+            outcome = _Outcome()
             try:
                 req = decode_stream(request) if streaming_request else decode(request)
                 first = True
                 async for response in inner_stream(req, context):
-                    if first and (served := SERVED_BY_METADATA.get()):
-                        await context.send_initial_metadata(served)
+                    account.observe(response)
+                    if first:
+                        await send_headers(context, ticket)
                     first = False
                     yield response
-            except AimeshError as exc:
-                await self._abort(context, exc, method)
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
+            except BaseException as exc:
+                await fail(context, exc, outcome)
                 raise
-            except Exception as exc:
-                log.exception("%s failed", method)
-                await self._abort(context, EngineFailure(f"{method} failed: {exc}"), method)
             finally:
-                self.limit.release()
+                account.end(outcome.code, outcome.reason)
+                self.admission.release(ticket)
 
         factory = (
             grpc.stream_stream_rpc_method_handler
@@ -142,4 +170,12 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: AimeshError, method: str) -> None:
         log.info("%s -> %s %s: %s", method, exc.code.name, exc.reason_name, exc.message)
-        await context.abort_with_status(exc.to_status())
+        status = exc.to_status()
+        if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.retry_after_s is not None:
+            # A retry the caller's deadline cannot wait for would only fail later: say none.
+            remaining = context.time_remaining()
+            fits = remaining is None or exc.retry_after_s < remaining
+            pushback = str(round(exc.retry_after_s * 1000)) if fits else "-1"
+            status = grpc.Status(status.code, status.details,
+                                 (*status.trailing_metadata, (PUSHBACK_HEADER, pushback)))
+        await context.abort_with_status(status)

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from ..registry.consul import ConsulRegistrar
 from ..registry.discovery import Instance, LocalRegistrar, Registrar
-from .interceptor import AimeshServerInterceptor, ConcurrencyLimit
+from .admission import Admission
+from .interceptor import AimeshServerInterceptor
 from . import accounting
 from .service import Capability
 from .usage_reporter import UsageReporter
@@ -34,7 +36,14 @@ class ModelServer:
     def __init__(self, settings: ServerSettings, capabilities: Sequence[Capability]) -> None:
         self.settings = settings
         self.capabilities = list(capabilities)
-        self.limit = ConcurrencyLimit(settings.max_concurrency)
+        # Slots: the calls the engines run at once (`capacity`, e.g. a text batch's
+        # sequences), else `max_concurrency` for an engine that states none.
+        slots = sum(getattr(getattr(cap, "engine", None), "capacity", None) or settings.max_concurrency
+                    for cap in self.capabilities)
+        self.limit = Admission(slots, settings.max_queue, settings.queue_timeout_s)
+        # Every admitted call's engine work gets a thread at once: no queue behind the slots.
+        self.executor = ThreadPoolExecutor(slots + settings.spare_threads,
+                                           thread_name_prefix="aimesh-engine")
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
         self.port = 0
@@ -56,7 +65,7 @@ class ModelServer:
 
     async def start(self) -> int:
         self.server = grpc.aio.server(
-            interceptors=[AimeshServerInterceptor(self.limit)],
+            interceptors=[AimeshServerInterceptor(self.limit, self.executor)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -110,6 +119,7 @@ class ModelServer:
         await asyncio.sleep(self.settings.drain_delay_s)
         if self.server is not None:
             await self.server.stop(self.settings.drain_grace_s)
+        self.executor.shutdown(wait=False)
         if self.usage is not None:  # after the last call ended: its usage goes out too
             accounting.install_sink(None)
             await self.usage.close()

@@ -14,7 +14,14 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(0, description="0 picks a free port; the chosen one is printed")
     pool: str = Field("local", description="pool name reported as the one that served a call")
-    max_concurrency: int = Field(4, ge=1, description="calls in flight before RESOURCE_EXHAUSTED")
+    max_concurrency: int = Field(
+        4, ge=1, description="slots (calls run at once) of a capability whose engine states no capacity")
+    max_queue: int = Field(
+        32, ge=0, description="calls that may wait for a slot; one more is refused at once")
+    queue_timeout_s: float = Field(
+        2.0, ge=0, description="longest a call waits for a slot (less when its deadline is nearer)")
+    spare_threads: int = Field(
+        4, ge=1, description="threads beyond the slots in the server's executor (helpers, hand-offs)")
     drain_delay_s: float = Field(
         2.0, ge=0, description="after SIGTERM: keep serving while NOT_SERVING propagates"
     )
