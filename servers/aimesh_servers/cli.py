@@ -2,6 +2,7 @@
 
     aimesh up                 the whole local mesh: Envoy + control + model servers
     aimesh serve CAPABILITY   one model server (text, ...)
+    aimesh tenants ...        tenants and tokens of a running mesh
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 from dataclasses import replace
 
 from .capabilities import CAPABILITIES
+from .tenancy.cli import add_tenants_parser
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="discover model servers through the Consul agent at ADDR (host:port); "
                          "servers it starts register there")
     up.set_defaults(func=_up)
+
+    add_tenants_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

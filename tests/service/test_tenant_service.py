@@ -18,6 +18,7 @@ import pytest
 from aimesh.client.tenancy import AsyncTenantsClient, TenantsClient
 from aimesh.client.transport import AsyncTransport, Transport
 from aimesh.tenancy.v1 import tenancy_pb2 as pb
+from aimesh_servers.cli import main as cli_main
 from aimesh_servers.tenancy import keys
 from aimesh_servers.tenancy.db import make_engine, migrate
 from aimesh_servers.tenancy.plans import PLANS
@@ -274,3 +275,17 @@ async def test_the_sdk_reads_a_limit_refusal():
     assert error.reason == "RATE_LIMITED" and error.retry_after == 1.5
     assert error.quota_violations == {"tenant:acme/text/requests": "3 per 10s"}
     assert error.metadata == {"tenant": "acme"}
+
+
+async def test_the_cli_reaches_the_service_and_a_bearer_token_alone_is_no_identity(served, capsys):
+    """Without the front door nothing verifies the token, so the service must not take it
+    as identity: the CLI's call is refused, and it says so on stderr with exit code 1."""
+    store, server, _, _ = served
+    token, _ = store.issue_token(store.create_tenant("cli-admin").id, ["admin"])
+    version = store.version()
+    code = await asyncio.to_thread(cli_main, [
+        "tenants", "create", "cli-co", "--plan", "free", "--target", f"127.0.0.1:{server.port}",
+        "--token", token])
+    assert code == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert store.version() == version
