@@ -289,3 +289,27 @@ async def test_the_cli_reaches_the_service_and_a_bearer_token_alone_is_no_identi
     assert code == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err
     assert store.version() == version
+
+
+async def test_a_failing_on_change_does_not_fail_a_stored_change(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'aimesh.db'}")
+    migrate(engine)
+    store = TenantStore(engine)
+    calls: list[int] = []
+
+    def broken_republish() -> None:
+        calls.append(1)
+        raise RuntimeError("front door config not writable")
+
+    try:
+        async with in_process_server([TenantCapability(store, broken_republish)]) as (server, _):
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}",
+                                                interceptors=[AddHeaders(ADMIN)])
+            try:
+                tenant = await AsyncTenantsClient(AsyncTransport(channel, None, 30)).create("delta")
+            finally:
+                await channel.close()
+        assert tenant.id == "delta" and store.get_tenant("delta").plan == "default"
+        assert calls == [1]
+    finally:
+        engine.dispose()

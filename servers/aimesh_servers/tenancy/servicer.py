@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -24,6 +25,8 @@ from ..runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from ..runtime.service import ServedModel
 from .plans import ADMIN_SCOPE, Limit
 from .store import DEFAULT_TOKEN_TTL, KEEP, Tenant, TenantStore, TokenRecord
+
+log = logging.getLogger(__name__)
 
 SCOPES_HEADER = "x-aimesh-scopes"
 TENANT_HEADER = "x-aimesh-tenant"
@@ -115,9 +118,14 @@ class TenantServicer(pb_grpc.TenantServiceServicer):
                    changes: bool = False, **kwargs: Any) -> T:
         result = await asyncio.to_thread(call, *args, **kwargs)
         if changes and self.on_change is not None:
-            outcome = self.on_change()
-            if inspect.isawaitable(outcome):
-                await outcome
+            # The change is stored: a failed republish must not fail the call (the quota
+            # controller also polls the version row and catches up).
+            try:
+                outcome = self.on_change()
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception:
+                log.exception("on_change after a tenancy change failed")
         return result
 
     async def CreateTenant(self, request: pb.CreateTenantRequest,
