@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -36,6 +37,10 @@ _PASSTHROUGH = ("/grpc.health.v1.", "/grpc.reflection.")
 # gRPC clients with a retry policy wait this long before their next attempt, or make
 # none when it is negative: the SDK's retries follow RetryInfo through it.
 PUSHBACK_HEADER = "grpc-retry-pushback-ms"
+
+
+class _Status(namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    """A status with trailers of our own (grpc.Status is only an interface)."""
 
 
 class _Outcome:
@@ -176,6 +181,6 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             remaining = context.time_remaining()
             fits = remaining is None or exc.retry_after_s < remaining
             pushback = str(round(exc.retry_after_s * 1000)) if fits else "-1"
-            status = grpc.Status(status.code, status.details,
-                                 (*status.trailing_metadata, (PUSHBACK_HEADER, pushback)))
+            status = _Status(status.code, status.details,
+                             (*status.trailing_metadata, (PUSHBACK_HEADER, pushback)))
         await context.abort_with_status(status)

@@ -22,12 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from ..registry.consul import ConsulRegistrar
 from ..registry.discovery import Instance, LocalRegistrar, Registrar
+from . import accounting
 from .admission import Admission
 from .interceptor import AimeshServerInterceptor
-from . import accounting
 from .service import Capability
-from .usage_reporter import UsageReporter
 from .settings import ServerSettings
+from .usage_reporter import UsageReporter
 
 log = logging.getLogger(__name__)
 
