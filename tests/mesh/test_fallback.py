@@ -195,7 +195,8 @@ def test_sigterm_drain_under_load_loses_no_call_and_finishes_streams(chain):
 
 
 def test_a_full_primary_spills_to_the_next_pool(chain):
-    primary = start(chain, "primary", AIMESH_MAX_CONCURRENCY="1")
+    # One slot: a text engine that batches states its own capacity (AIMESH_TEXT_MAX_BATCH).
+    primary = start(chain, "primary", AIMESH_MAX_CONCURRENCY="1", AIMESH_TEXT_MAX_BATCH="1")
     secondary = start(chain, "secondary")
     try:
         wait_routed(chain, "primary")
