@@ -39,9 +39,9 @@ from .tenancy_envoy import (
     INTERNAL_HEADERS,
     PUBLIC_PREFIXES,
     REASON_HEADER,
+    REFUSED_HEADER,
     SERVICE_CAPABILITY,
     TENANT_SERVICE_PREFIX,
-    TOKEN_ID_HEADER,
     USAGE_CAPABILITY,
     USAGE_SERVICE_PREFIX,
     jwt_filter,
@@ -319,45 +319,48 @@ def _unavailable(model: Model) -> tuple[str, status_pb2.Status]:
     return message, status
 
 
-# jwt_authn's refusals: 401 (no token, expired, unknown key, bad signature) and 403
-# (wrong audience), before any tenant header is set.
-TOKEN_REFUSALS = {401: (code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
-                  403: (code_pb2.PERMISSION_DENIED, "PERMISSION_DENIED")}
+# jwt_authn refuses with 401 (no token, expired, unknown key, bad signature) or 403 (a
+# token for another audience): all of them mean "no
+# valid credential for this mesh", so all become UNAUTHENTICATED / 401.
 _TOKEN_HELP = "this call needs a valid token from a trusted issuer (Authorization: Bearer <jwt>)"
 
 
 def _token_refusal_mappers() -> list[dict[str, Any]]:
-    """jwt_authn's refusals become AIP-193 too (ErrorInfo reason, x-aimesh-reason for the
-    access log). grpc-message keeps jwt_authn's own words ("Jwt is expired"); the Status
-    in grpc-status-details-bin carries a general message, as the details are static."""
-    mappers = []
-    unverified = {"header_filter": {"header": {"name": TOKEN_ID_HEADER, "present_match": False}}}
+    """jwt_authn's refusals in AIP-193 form (ErrorInfo reason UNAUTHENTICATED, and
+    x-aimesh-reason for the access log). grpc-message keeps jwt_authn's own words ("Jwt is
+    expired"); the Status in grpc-status-details-bin carries a general message, as the
+    details are static."""
+    refused = {"or_filter": {"filters": [
+        {"status_code_filter": {"comparison": {
+            "op": "EQ", "value": {"default_value": code, "runtime_key": "aimesh.token_refusal"}}}}
+        for code in (401, 403)]}}
+    from_jwt_authn = {"header_filter": {"header": {"name": REFUSED_HEADER, "present_match": False}}}
     from_http = {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}}
-    for http_status, (code, reason) in TOKEN_REFUSALS.items():
-        refused = {"status_code_filter": {"comparison": {
-            "op": "EQ", "value": {"default_value": http_status, "runtime_key": "aimesh.unused"}}}}
-        info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)
-        status = status_pb2.Status(code=code, message=_TOKEN_HELP)
-        status.details.add().Pack(info)
-        reason_header = {"header": {"key": REASON_HEADER, "value": reason},
-                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-        mappers.append({
-            "filter": {"and_filter": {"filters": [refused, unverified, from_http]}},
+    reason = "UNAUTHENTICATED"
+    status = status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=_TOKEN_HELP)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    reason_header = {"header": {"key": REASON_HEADER, "value": reason},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+    return [
+        {
+            "filter": {"and_filter": {"filters": [refused, from_jwt_authn, from_http]}},
+            "status_code": 401,
             "headers_to_add": [reason_header],
             "body_format_override": {
-                "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": [
+                "json_format": {"code": code_pb2.UNAUTHENTICATED, "message": "%LOCAL_REPLY_BODY%", "details": [
                     {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
                      "domain": DOMAIN, "metadata": {}}]},
                 "content_type": "application/json"},
-        })
-        mappers.append({
-            "filter": {"and_filter": {"filters": [refused, unverified]}},
+        },
+        {
+            "filter": {"and_filter": {"filters": [refused, from_jwt_authn]}},
+            "status_code": 401,
             "headers_to_add": [reason_header, {
                 "header": {"key": "grpc-status-details-bin",
                            "value": base64.b64encode(status.SerializeToString()).decode().rstrip("=")},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
-        })
-    return mappers
+        },
+    ]
 
 
 def local_reply_mappers(spec: MeshSpec) -> list[dict[str, Any]]:

@@ -41,10 +41,13 @@ TENANT_HEADER = "x-aimesh-tenant"
 SCOPES_HEADER = "x-aimesh-scopes"
 TOKEN_ID_HEADER = "x-aimesh-token-id"
 REASON_HEADER = "x-aimesh-reason"
+# Set on the request by the admission filter when it refuses a call, so the local reply
+# mappers that dress jwt_authn's refusals leave the filter's own refusals alone.
+REFUSED_HEADER = "x-aimesh-refused"
 # Request headers only Envoy may set; header_mutation drops a caller's copies before
 # anything reads them. The transcoder sets x-envoy-original-path for HTTP/JSON calls, and
 # the Lua filter routes by it, so a gRPC caller must not bring its own.
-INTERNAL_HEADERS = (TENANT_HEADER, SCOPES_HEADER, TOKEN_ID_HEADER, REASON_HEADER,
+INTERNAL_HEADERS = (TENANT_HEADER, SCOPES_HEADER, TOKEN_ID_HEADER, REASON_HEADER, REFUSED_HEADER,
                     "x-envoy-original-path")
 
 MESH_ISSUER = "aimesh"
@@ -241,6 +244,7 @@ end
 -- kept their path) the HTTP status and a JSON google.rpc.Status, as the transcoder
 -- renders a server's errors.
 local function refuse(h, r)
+  h:headers():replace("x-aimesh-refused", r.reason)
   local keys = {}
   for k in pairs(r.metadata or {}) do keys[#keys + 1] = k end
   table.sort(keys)
@@ -338,8 +342,8 @@ function envoy_on_request(h)
   local tenant_id = headers:get("x-aimesh-tenant")
   if tenant_id == nil then
     -- A verified token without the tenant claim (jwt_authn refuses calls with no token).
-    -- Answered like jwt_authn's own refusals: the local reply mappers add the details.
-    return h:respond({[":status"] = "401"}, "the token names no tenant")
+    return refuse(h, {code = GRPC.UNAUTHENTICATED, reason = "UNAUTHENTICATED",
+                      message = "the token names no tenant"})
   end
   local state = state_for(meta, version)
   if not state.enforce then return end
