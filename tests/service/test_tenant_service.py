@@ -8,9 +8,7 @@ door's jwt_authn would set from a verified token (`x-aimesh-tenant`, `x-aimesh-s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, NamedTuple
 
 import aimesh
 import grpc
@@ -28,43 +26,11 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tests.identity import AddHeaders, AddHeadersSync, identity
 from tests.servers import in_process_server
 
-ADMIN = [("x-aimesh-tenant", "ops"), ("x-aimesh-scopes", "admin")]
-TENANT = [("x-aimesh-tenant", "acme"), ("x-aimesh-scopes", "text embedding")]
-
-
-class AddHeaders(grpc.aio.UnaryUnaryClientInterceptor):
-    """What the front door adds to a call after verifying its token."""
-
-    def __init__(self, headers: Sequence[tuple[str, str]]) -> None:
-        self.headers = list(headers)
-
-    async def intercept_unary_unary(self, continuation, details, request):
-        details = grpc.aio.ClientCallDetails(
-            details.method, details.timeout, [*(details.metadata or ()), *self.headers],
-            details.credentials, details.wait_for_ready)
-        return await continuation(details, request)
-
-
-class _Details(NamedTuple):
-    method: str
-    timeout: float | None
-    metadata: Any
-    credentials: Any
-    wait_for_ready: Any
-    compression: Any
-
-
-class AddHeadersSync(grpc.UnaryUnaryClientInterceptor):
-    def __init__(self, headers: Sequence[tuple[str, str]]) -> None:
-        self.headers = list(headers)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        details = _Details(details.method, details.timeout,
-                           [*(details.metadata or ()), *self.headers], details.credentials,
-                           details.wait_for_ready, details.compression)
-        return continuation(details, request)
+ADMIN = identity("ops", "admin")
+TENANT = identity("acme", "text embedding")
 
 
 @pytest.fixture(scope="module")

@@ -280,6 +280,14 @@ class TenantStore:
     def effective_limits(self, tenant_id: str) -> list[Limit]:
         return list(self.get_tenant(tenant_id).limits)
 
+    def monthly_budget(self, tenant_id: str) -> float | None:
+        """The tenant's budget in force in USD; None when it has none or does not exist
+        (the shape UsageService's summary wants)."""
+        try:
+            return self.get_tenant(tenant_id).monthly_budget_usd or None
+        except TenantNotFound:
+            return None
+
     @staticmethod
     def _limit_key(tenant_id: str, key: tuple[str, str, str]) -> tuple[Any, ...]:
         capability, model, kind = key
