@@ -151,6 +151,7 @@ usage_hourly = sa.Table(
     sa.Column("duration_ms_sum", sa.Float, nullable=False),
     # JSON list of counts over usage_queries.LATENCY_BOUNDS_MS buckets (mergeable).
     sa.Column("latency_hist", sa.Text, nullable=False),
+    sa.Index("ix_usage_hourly_tenant_hour", "tenant", "hour"),
 )
 
 

@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
@@ -35,9 +35,11 @@ from sqlalchemy.engine import Engine
 from .db import WRITE_LOCK_OPTION, usage_hourly, usage_records
 from .usage_queries import (
     LATENCY_BUCKETS,
+    RAW_LATENCY_BUCKET,
+    encode_histogram,
     failed,
     floor_hour,
-    latency_bucket,
+    merge_histograms,
     parse_time_key,
     time_key,
 )
@@ -201,7 +203,7 @@ class UsageRecorder:
     def _insert(self, batch: list[UsageRow], *, give_up: bool) -> None:
         """Inserts one batch in one transaction, retrying while the database is down
         (new rows queue meanwhile, bounded); at close it tries a few times, then logs the loss."""
-        rows = [asdict(row) for row in batch]
+        rows = [dict(vars(row)) for row in batch]  # shallow: asdict's deep copy costs ~10x more
         delay = 0.1
         for attempt in range(1, 1_000_000):
             try:
@@ -238,7 +240,7 @@ def rollup(engine: Engine, before: datetime) -> int:
     dialect = engine.dialect.name
     raw = usage_records.c
     hour = time_key(raw.time, "hour", dialect)
-    lat = latency_bucket(raw.duration_ms)
+    lat = RAW_LATENCY_BUCKET
     keys = (raw.tenant, raw.capability, raw.served_model, raw.pool, raw.unit)
     aggregate = (
         sa.select(
@@ -273,8 +275,7 @@ def rollup(engine: Engine, before: datetime) -> int:
                 continue
             _accumulate(entry, old.calls, old.errors, old.fallbacks, old.input_units, old.output_units,
                         old.cost_usd, old.duration_ms_sum)
-            for index, count in enumerate(json.loads(old.latency_hist)):
-                entry["hist"][index] += count
+            merge_histograms(entry["hist"], json.loads(old.latency_hist))
             updates.append(_hourly_values(key, entry, bind_keys=True))
         if updates:
             columns = usage_hourly.c
@@ -319,7 +320,7 @@ def _accumulate(entry: dict[str, Any], calls: int, errors: int, fallbacks: int, 
 def _hourly_values(key: tuple[Any, ...], entry: dict[str, Any], *, bind_keys: bool = False) -> dict[str, Any]:
     """Column values of an hourly row; with bind_keys, named for the UPDATE's parameters."""
     sums = {name: entry[name] for name in _SUM_COLUMNS if name != "latency_hist"}
-    sums["latency_hist"] = json.dumps(entry["hist"])
+    sums["latency_hist"] = encode_histogram(entry["hist"])
     keys = dict(zip(_KEY_COLUMNS, key, strict=True))
     if not bind_keys:
         return {**keys, **sums}

@@ -17,8 +17,10 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import functools
 import json
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -95,8 +97,20 @@ def percentile_ms(histogram: Sequence[int], quantile: float) -> float | None:
 
 
 def merge_histograms(into: list[int], other: Sequence[int]) -> None:
-    for index, count in enumerate(other):
-        into[index] += count
+    """Adds other (which may be shorter: stored histograms drop trailing zeros) into into."""
+    into[: len(other)] = map(operator.add, into, other)
+
+
+def encode_histogram(histogram: Sequence[int]) -> str:
+    """The JSON list stored in usage_hourly.latency_hist, without trailing zeros."""
+    end = len(histogram)
+    while end and not histogram[end - 1]:
+        end -= 1
+    return json.dumps(list(histogram[:end]), separators=(",", ":"))
+
+
+# Built once: the nested CASE is large, and SQLAlchemy caches statements by structure.
+RAW_LATENCY_BUCKET = latency_bucket(usage_records.c.duration_ms)
 
 
 def failed(status: sa.ColumnElement[str]) -> sa.ColumnElement[int]:
@@ -110,6 +124,7 @@ def time_key(column: sa.ColumnElement[Any], granularity: str, dialect: str) -> s
     return sa.func.to_char(sa.func.timezone("UTC", column), _PG_KEY_FORMAT[granularity], type_=sa.Text)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_time_key(key: str, granularity: str) -> datetime:
     return datetime.strptime(key, _KEY_PARSE[granularity]).replace(tzinfo=UTC)
 
@@ -204,7 +219,7 @@ def summarize(
     raw = usage_records.c
     raw_bucket = time_key(raw.time, granularity, dialect) if granularity else sa.null()
     raw_groups = [raw[name] for name in names]
-    lat = latency_bucket(raw.duration_ms)
+    lat = RAW_LATENCY_BUCKET
     raw_query = (
         sa.select(
             raw_bucket, *raw_groups, lat, sa.func.count(), sa.func.sum(failed(raw.status)),

@@ -110,6 +110,7 @@ def upgrade() -> None:
         sa.Column("duration_ms_sum", sa.Float, nullable=False),
         sa.Column("latency_hist", sa.Text, nullable=False),
     )
+    op.create_index("ix_usage_hourly_tenant_hour", "usage_hourly", ["tenant", "hour"])
 
 
 def downgrade() -> None:
