@@ -145,6 +145,18 @@ def test_submit_never_blocks_and_counts_drops_while_the_database_is_locked(engin
     assert count_records(engine) == 20 - recorder.dropped
 
 
+def test_a_bad_row_costs_only_itself(engine: sa.Engine) -> None:
+    with UsageRecorder(engine, rollup_interval_s=None) as recorder:
+        recorder.submit(row(request_id="before"))
+        recorder.submit(row(request_id="naive", time=datetime(2026, 1, 1)))  # no time zone: refused
+        recorder.submit(row(request_id="after"))
+        assert recorder.flush()
+        recorder.submit(row(request_id="later"))  # the writer lives on
+    with engine.connect() as connection:
+        stored = set(connection.scalars(sa.select(db.usage_records.c.request_id)))
+    assert stored == {"before", "after", "later"} and recorder.dropped == 1
+
+
 CRASH_WRITER = textwrap.dedent("""
     import sys, time
     from datetime import datetime, UTC

@@ -108,6 +108,7 @@ class UsageRecorder:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._last_drop_log = 0.0
+        self._drop_lock = threading.Lock()
         self._stop_rollups = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
         self._writer.start()
@@ -129,7 +130,8 @@ class UsageRecorder:
             self._drop(f"queue full ({self._queue.maxsize} rows)")
 
     def _drop(self, why: str) -> None:
-        self.dropped += 1
+        with self._drop_lock:
+            self.dropped += 1
         now = time.monotonic()
         if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
             self._last_drop_log = now
@@ -201,8 +203,10 @@ class UsageRecorder:
                 marker.done.set()
 
     def _insert(self, batch: list[UsageRow], *, give_up: bool) -> None:
-        """Inserts one batch in one transaction, retrying while the database is down
-        (new rows queue meanwhile, bounded); at close it tries a few times, then logs the loss."""
+        """Inserts one batch in one transaction. While the database is unreachable or
+        locked it retries (new rows queue meanwhile, bounded; at close it gives up after a
+        few tries and logs the loss). A batch the database refuses for its content is
+        written row by row, so one bad row costs only itself."""
         rows = [dict(vars(row)) for row in batch]  # shallow: asdict's deep copy costs ~10x more
         delay = 0.1
         for attempt in range(1, 1_000_000):
@@ -211,19 +215,32 @@ class UsageRecorder:
                     connection.execute(usage_records.insert(), rows)
                 self.written += len(rows)
                 return
-            except sa.exc.DBAPIError:
+            except (sa.exc.OperationalError, sa.exc.InterfaceError):
                 log.exception("writing %d usage records failed (attempt %d)", len(rows), attempt)
                 if give_up and attempt >= 3:
                     log.error("usage writer closing: %d records lost", len(rows))
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except Exception:
+                log.exception("a batch of %d usage records was refused; writing them one by one", len(rows))
+                self._insert_one_by_one(rows)
+                return
+
+    def _insert_one_by_one(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(usage_records.insert(), row)
+                self.written += 1
+            except (sa.exc.StatementError, ValueError, TypeError) as exc:
+                self._drop(f"refused by the database: {exc}")
 
     def _rollup_loop(self, interval_s: float) -> None:
         while not self._stop_rollups.wait(interval_s):
             try:
                 rollup(self.engine, datetime.now(UTC) - self.raw_retention)
-            except sa.exc.DBAPIError:
+            except Exception:  # the thread must outlive a failed rollup
                 log.exception("usage rollup failed; will retry")
 
 
