@@ -1,9 +1,14 @@
-"""Embeddings/s: EmbeddingEngine called directly (the baseline) against the same engine
-through a real in-process gRPC server and the SDK, and against a plain transformers
-loop (one padded batch, mean pooling) on the same weights; all in the same run,
-printed as ratios to the engine. Runs are interleaved.
+"""Embedding calls/s with dynamic batching against one-at-a-time, in the same run.
 
-    .venv/bin/python bench/bench_embedding.py --batch 32 --batches 8 --repeats 3
+Starts embedding servers (`aimesh serve embedding`, all-MiniLM-L6-v2) as subprocesses:
+one with batching off (AIMESH_BATCH_MAX_ITEMS=1: each call its own forward pass, in
+turn) as the baseline, one with the default batch settings (and, with --sweep, a few
+other settings). 1 and 16 closed-loop gRPC callers send one short text per call; the
+variants take turns, round after round, so that load from elsewhere hits them alike.
+The raw library (transformers, one text per forward pass, in this process) is printed
+for reference. Goal: batched >= 3x the calls/s of one-at-a-time at 16 callers.
+
+    .venv/bin/python bench/bench_embedding.py [--quick] [--sweep] [--json out.json]
 """
 
 from __future__ import annotations
@@ -11,91 +16,135 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
 import time
-from collections.abc import Callable
+from typing import Any
 
+import common  # bench/common.py
+import grpc
 import torch
-
-import aimesh
-from aimesh_servers import embedding
-from aimesh_servers.embedding.engine import EmbedRequest
-from aimesh_servers.runtime.runner import ModelServer
-from aimesh_servers.runtime.settings import ServerSettings
+from aimesh.embedding.v1 import embedding_pb2 as pb
+from aimesh.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from aimesh_servers.embedding import DEFAULT_MODEL
+from aimesh_servers.embedding.engine import EmbeddingEngine
+from aimesh_servers.runtime.batching import BatchSettings
 
 WORDS = ("the a mesh model server routes every request to a pool of replicas while "
          "tenants pay for tokens images and seconds of audio under limits").split()
+BASELINE = "one at a time"
+CALLERS = (1, 16)
 
 
-def corpus(batches: int, batch: int, seed: int = 0) -> list[list[str]]:
-    """Texts of 4 to 120 words (mixed lengths, as real traffic has)."""
+def short_texts(count: int, seed: int = 0) -> list[str]:
+    """Short texts (6-16 words), as a search query or a chat message is."""
     rng = random.Random(seed)
-    return [[" ".join(rng.choices(WORDS, k=rng.randint(4, 120))) for _ in range(batch)]
-            for _ in range(batches)]
+    return [" ".join(rng.choices(WORDS, k=rng.randint(6, 16))) for _ in range(count)]
 
 
-async def timed_round_robin(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per run: one warm-up each, then the runs in turn, `repeats` times
-    (interleaved, so that load from elsewhere on the machine hits all of them alike)."""
-    async def once(run: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        result = run()
-        if asyncio.iscoroutine(result):
-            await result
-        return time.perf_counter() - start
+def variants(sweep: bool) -> dict[str, dict[str, str]]:
+    """Name -> server environment. The first is the baseline."""
+    defaults = BatchSettings()
+    out = {
+        BASELINE: {"AIMESH_BATCH_MAX_ITEMS": "1", "AIMESH_BATCH_MAX_WAIT_MS": "0", "AIMESH_BATCH_CAPACITY": "64"},
+        f"batched (defaults: {defaults.max_items} items, {defaults.max_wait_ms:g} ms)": {},
+    }
+    if sweep:
+        for items, wait in ((8, 2), (16, 0), (16, 2), (16, 5), (32, 0), (32, 5)):
+            out[f"batched ({items} items, {wait} ms)"] = {
+                "AIMESH_BATCH_MAX_ITEMS": str(items), "AIMESH_BATCH_MAX_WAIT_MS": str(wait)}
+    # Admission must not be what limits 16 callers (it reads engine.capacity once it can).
+    return {name: {"AIMESH_MAX_CONCURRENCY": "64", **env} for name, env in out.items()}
 
-    for run in runs.values():
-        await once(run)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(await once(run))
-    return {name: statistics.median(t) for name, t in times.items()}
+
+def raw_library(texts: list[str], seconds: float) -> float:
+    """Embeddings/s of transformers alone: one text per forward pass, mean pooling."""
+    engine = EmbeddingEngine(DEFAULT_MODEL.source)
+    engine.load()
+    engine.batcher.close()
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        enc = engine.tokenizer([texts[done % len(texts)]], return_tensors="pt")
+        with torch.inference_mode():
+            states = engine.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
+async def measure(servers: dict[str, common.ServerProcess], texts: list[str], seconds: float,
+                  rounds: int) -> dict[str, dict[int, list[common.LoadResult]]]:
+    results: dict[str, dict[int, list[common.LoadResult]]] = {n: {c: [] for c in CALLERS} for n in servers}
+    channels = {name: grpc.aio.insecure_channel(s.address) for name, s in servers.items()}
+    try:
+        for round_ in range(rounds + 1):  # round 0 warms up every server
+            for callers in CALLERS:
+                for name, channel in channels.items():
+                    stub = pb_grpc.EmbeddingServiceStub(channel)
+                    counter = [0]
+
+                    async def call(index: int, stub: pb_grpc.EmbeddingServiceStub = stub) -> None:
+                        counter[0] += 1
+                        text = texts[(counter[0] * 7 + index) % len(texts)]
+                        await stub.Embed(pb.EmbedRequest(model=DEFAULT_MODEL.id, texts=[text], normalize=True),
+                                         timeout=30)
+
+                    run = await common.closed_loop(call, callers, seconds=seconds if round_ else seconds / 4)
+                    if round_:
+                        results[name][callers].append(run)
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    return results
+
+
+def best(runs: list[common.LoadResult]) -> common.LoadResult:
+    """The round with the median calls/s."""
+    return sorted(runs, key=lambda r: r.calls_per_s)[len(runs) // 2]
 
 
 async def main(args: argparse.Namespace) -> None:
-    settings = ServerSettings(port=0, drain_delay_s=0, drain_grace_s=1, torch_threads=args.threads)
-    servicer = embedding.build(embedding.DEFAULT_MODEL, settings)
-    server = ModelServer(settings, [servicer])
-    await server.start()  # loads the model
-    engine = servicer.engine
-    batches = corpus(args.batches, args.batch)
-    total = args.batches * args.batch
+    seconds, rounds = (2.0, 2) if args.quick else (4.0, 3)
+    texts = short_texts(512)
+    servers = {name: common.ServerProcess("embedding", env) for name, env in variants(args.sweep).items()}
+    try:
+        for server in servers.values():
+            server.wait_serving()
+        results = await measure(servers, texts, seconds, rounds)
+    finally:
+        for server in servers.values():
+            server.stop()
+    raw = raw_library(texts, seconds)
 
-    def direct() -> None:
-        for texts in batches:
-            engine.embed(EmbedRequest(texts, normalize=True))
-
-    def plain_transformers() -> None:
-        for texts in batches:
-            enc = engine.tokenizer(texts, padding=True, return_tensors="pt")
-            with torch.inference_mode():
-                states = engine.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
-
-    async with aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
-        async def through_server() -> None:
-            for texts in batches:
-                await client.embedding.embed(embedding.DEFAULT_MODEL.id, texts, normalize=True)
-
-        results = await timed_round_robin({
-            "engine, direct (baseline)": direct,
-            "gRPC server + SDK": through_server,
-            "plain transformers, padded batch": plain_transformers,
-        }, args.repeats)
-    await server.drain()
-    base = results["engine, direct (baseline)"]
-    print(f"all-MiniLM-L6-v2, {args.batches} batches of {args.batch} texts (4-120 words), "
-          f"{args.threads} torch threads, median of {args.repeats}")
-    for name, seconds in results.items():
-        print(f"  {name:34s} {total / seconds:8.1f} embeddings/s   x{base / seconds:.2f} of the engine")
+    print(f"all-MiniLM-L6-v2, one short text (6-16 words) per call, closed loop, {seconds:g} s per run, "
+          f"median of {rounds} rounds; ratios to '{BASELINE}' at the same callers")
+    print(f"  {'server':44s} {'callers':>7s} {'calls/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'x base':>7s}  errors")
+    table: dict[str, Any] = {}
+    for name, by_callers in results.items():
+        table[name] = {}
+        for callers, runs in by_callers.items():
+            run = best(runs)
+            ratio = run.calls_per_s / best(results[BASELINE][callers]).calls_per_s
+            table[name][callers] = {**run.summary(), "x_baseline": round(ratio, 3),
+                                    "rounds_calls_per_s": [round(r.calls_per_s, 1) for r in runs]}
+            print(f"  {name:44s} {callers:7d} {run.calls_per_s:9.1f} {run.p50_ms:8.2f} {run.p99_ms:8.2f} "
+                  f"{ratio:7.2f}  {sum(run.errors.values()) or ''}")
+    print(f"  raw transformers, one text per forward pass, in-process: {raw:.1f} embeddings/s")
+    batched = next(name for name in results if name.startswith("batched (defaults"))
+    ratio = table[batched][16]["x_baseline"]
+    errors = sum(sum(best(runs).errors.values()) for by in results.values() for runs in by.values())
+    goals = [
+        common.Goal("embeddings, 16 callers: batched calls/s over one-at-a-time", ratio, ">= 3x", ratio >= 3),
+        common.Goal("embeddings: failed calls", errors, "0", errors == 0),
+    ]
+    common.report("embedding", args.json, goals, {
+        "rows": table, "raw_transformers_per_s": round(raw, 1), "seconds_per_run": seconds, "rounds": rounds,
+        "batch_defaults": BatchSettings().model_dump()})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="shorter runs, fewer rounds")
+    parser.add_argument("--sweep", action="store_true", help="also try other batch sizes and waits")
+    parser.add_argument("--json", help="write the results and goals here")
     asyncio.run(main(parser.parse_args()))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..models import builtin
+from ..runtime.batching import BatchSettings
 from ..runtime.service import ServedModel
 from ..runtime.settings import ServerSettings
 
@@ -20,5 +21,5 @@ def build(model: ServedModel, settings: ServerSettings):
 
     if builtin.has_random_weights(model.source):
         model = replace(model, random_weights=True)
-    engine = VisionEngine(model.source or None, threads=settings.torch_threads)
+    engine = VisionEngine(model.source or None, threads=settings.torch_threads, batching=BatchSettings())
     return ImageToTextServicer(model, engine, settings.pool)

@@ -4,12 +4,16 @@ Captioning takes any image-to-text checkpoint `AutoModelForImageTextToText` load
 (BLIP, BLIP-2, GIT, ...); OCR runs the tesseract binary through pytesseract, whose
 `image_to_data` gives words, boxes and confidences. One request may ask for both.
 Images are decoded by Pillow, restricted to the formats the contract names.
+Concurrent calls share one worker (`describe_batched`, see runtime.batching): their
+captions run as one `generate` per prompt, their OCR on a small pool of tesseract runs.
 """
 
 from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytesseract
@@ -23,6 +27,7 @@ from transformers import (
 )
 
 from ..models import builtin
+from ..runtime.batching import BatchSettings, DynamicBatcher, Work
 from ..runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia, media_detail
 
 TASKS = ("caption", "ocr")
@@ -63,13 +68,13 @@ class VisionLimits:
 
 
 class _UntilCancelled(StoppingCriteria):
-    """Ends `generate` after the current token once the caller went away."""
+    """Ends a row of `generate` after its current token once its caller went away."""
 
-    def __init__(self, cancel: threading.Event) -> None:
-        self.cancel = cancel
+    def __init__(self, cancels: Sequence[threading.Event]) -> None:
+        self.cancels = cancels
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool)
+        return torch.tensor([cancel.is_set() for cancel in self.cancels], dtype=torch.bool)
 
 
 @dataclass
@@ -77,6 +82,12 @@ class VisionEngine:
     caption_source: str | None  # None: OCR only
     limits: VisionLimits = field(default_factory=VisionLimits)
     threads: int = 2
+    batching: BatchSettings = field(default_factory=BatchSettings)
+
+    @property
+    def capacity(self) -> int:
+        """Calls that may be admitted at once: enough to fill a batch while another runs."""
+        return self.batching.admitted
 
     @property
     def supported_tasks(self) -> tuple[str, ...]:
@@ -93,6 +104,10 @@ class VisionEngine:
             self.model.eval()
         # Fast tokenizers keep padding state: concurrent calls may not share one.
         self._processor_lock = threading.Lock()
+        # tesseract runs as a subprocess: a batch's OCR runs beside its captions, `threads` at once.
+        self._ocr_runs = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ocr")
+        self.batcher: DynamicBatcher[DescribeRequest, Description] = DynamicBatcher(
+            self._describe_batch, self.batching, name="vision-batcher")
 
     def validate(self, request: DescribeRequest) -> tuple[str, ...]:
         """Checks that need no decoding; returns the tasks to run."""
@@ -136,15 +151,50 @@ class VisionEngine:
         return language
 
     def describe(self, request: DescribeRequest, cancel: threading.Event | None = None) -> Description:
-        """Blocking. Once `cancel` is set, captioning stops after its current token."""
+        """Blocking, this call alone. Once `cancel` is set, captioning stops after its current token."""
         tasks = self.validate(request)
         image = decode_image(request.image, self.limits.max_pixels)
         result = Description(tasks)
         if "ocr" in tasks:
             result.text, result.words = self._ocr(image, self._ocr_language(request.ocr_language))
         if "caption" in tasks:
-            result.caption = self._caption(image, request.caption_prompt, cancel or threading.Event())
+            [result.caption] = self._captions([image], request.caption_prompt, [cancel or threading.Event()])
         return result
+
+    async def describe_batched(self, request: DescribeRequest) -> Description:
+        """`describe`, sharing `generate` calls with concurrent callers."""
+        self.validate(request)
+        return await self.batcher.run(request)
+
+    def _describe_batch(self, batch: Sequence[Work[DescribeRequest, Description]]) -> list[Description | Exception]:
+        """Decode every image; OCR on the pool while captions run here, one `generate` per
+        distinct prompt. An item's bad image or failed OCR fails that item alone."""
+        answers: list[Description | Exception] = []
+        images: dict[int, Image.Image] = {}
+        ocr: dict[int, Future[tuple[str, list[OcrWord]]]] = {}
+        for k, work in enumerate(batch):
+            try:
+                tasks = self.validate(work.item)
+                images[k] = decode_image(work.item.image, self.limits.max_pixels)
+                if "ocr" in tasks:
+                    ocr[k] = self._ocr_runs.submit(self._ocr, images[k], self._ocr_language(work.item.ocr_language))
+                answers.append(Description(tasks))
+            except Exception as exc:  # noqa: BLE001 - answered to its caller alone
+                answers.append(exc)
+        by_prompt: dict[str, list[int]] = {}
+        for k, answer in enumerate(answers):
+            if isinstance(answer, Description) and "caption" in answer.tasks:
+                by_prompt.setdefault(batch[k].item.caption_prompt, []).append(k)
+        for prompt, rows in by_prompt.items():
+            captions = self._captions([images[k] for k in rows], prompt, [batch[k].cancel for k in rows])
+            for k, caption in zip(rows, captions):
+                answers[k].caption = caption  # type: ignore[union-attr]
+        for k, running in ocr.items():
+            try:
+                answers[k].text, answers[k].words = running.result()  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001
+                answers[k] = exc
+        return answers
 
     def _ocr(self, image: Image.Image, language: str) -> tuple[str, list[OcrWord]]:
         data = pytesseract.image_to_data(
@@ -163,15 +213,18 @@ class VisionEngine:
             words.append(OcrWord(text, box, confidence))
         return "\n".join(" ".join(line) for line in lines.values()), words
 
-    def _caption(self, image: Image.Image, prompt: str, cancel: threading.Event) -> str:
+    def _captions(self, images: list[Image.Image], prompt: str, cancels: Sequence[threading.Event]) -> list[str]:
+        """One greedy `generate` for images that share a prompt; a row stops early once its
+        cancel is set."""
         with self._processor_lock:
-            inputs = self.processor(images=image, text=prompt or None, return_tensors="pt")
+            inputs = self.processor(images=images, text=[prompt] * len(images) if prompt else None,
+                                    return_tensors="pt")
         with torch.inference_mode():
             ids = self.model.generate(
                 **inputs, max_new_tokens=self.limits.max_caption_tokens, do_sample=False,
-                stopping_criteria=StoppingCriteriaList([_UntilCancelled(cancel)]),
+                stopping_criteria=StoppingCriteriaList([_UntilCancelled(cancels)]),
             )
-        return self.processor.decode(ids[0], skip_special_tokens=True).strip()
+        return [self.processor.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -1,9 +1,6 @@
-"""ImageToTextService: converts requests, calls VisionEngine off the loop, answers."""
+"""ImageToTextService: converts requests, awaits VisionEngine's batcher, answers."""
 
 from __future__ import annotations
-
-import threading
-from collections.abc import Iterator
 
 import grpc
 from aimesh.common.v1 import common_pb2
@@ -17,8 +14,7 @@ from ..runtime.service import (
     send_served_by,
     served_by,
 )
-from ..runtime.streams import iterate_in_thread
-from .engine import DescribeRequest, Description, VisionEngine
+from .engine import DescribeRequest, VisionEngine
 
 TASK_NAMES = {pb.TASK_CAPTION: "caption", pb.TASK_OCR: "ocr"}
 
@@ -49,13 +45,7 @@ class ImageToTextServicer(EngineServicer, pb_grpc.ImageToTextServiceServicer):
     ) -> pb.DescribeImageResponse:
         asked = requested_model(request.model, context)
         model = resolve_model(self.models, asked, request.model_version)
-        describe = self._request(request)
-        self.engine.validate(describe)  # cheap checks before decoding in a worker
-
-        def work(cancel: threading.Event) -> Iterator[Description]:
-            yield self.engine.describe(describe, cancel)
-
-        [result] = [r async for r in iterate_in_thread(work)]
+        result = await self.engine.describe_batched(self._request(request))
         served = served_by(model, self.pool, asked)
         # Random weights only make the caption noise; tesseract's OCR is real.
         served.random_weights = model.random_weights and "caption" in result.tasks
