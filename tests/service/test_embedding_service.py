@@ -1,5 +1,6 @@
 """EmbeddingService over a real in-process grpc.aio server with the real
-all-MiniLM-L6-v2, through the SDK (async and sync)."""
+all-MiniLM-L6-v2, through the SDK (async and sync), alone and with concurrent callers
+sharing batches."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import pytest
 
 import aimesh
 from aimesh.client.embedding import vectors
+from aimesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from aimesh_servers import embedding
-from aimesh_servers.embedding.engine import EmbedRequest
+from aimesh_servers.embedding.engine import EmbeddingEngine, EmbedRequest
+from aimesh_servers.embedding.servicer import EmbeddingServicer
+from aimesh_servers.runtime.batching import BatchSettings
 from tests.servers import in_process_server
 
 MODEL = embedding.DEFAULT_MODEL.id
@@ -101,3 +105,81 @@ async def test_a_call_past_its_deadline_frees_its_slot(served):
     assert server.limit.in_flight == 0
     ok = await client.embedding.embed(MODEL, ["still serving"])
     assert len(ok.embeddings) == 1
+
+
+# Dynamic batching: a server whose batches hold 16 texts, and which waits long for a
+# batch to fill, so that concurrent callers surely share one and a lone call surely waits.
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+async def batched():
+    engine = EmbeddingEngine(embedding.DEFAULT_MODEL.source,
+                             batching=BatchSettings(max_items=BATCH, max_wait_ms=10_000))
+    servicer = EmbeddingServicer(embedding.DEFAULT_MODEL, engine, "local")
+    async with in_process_server([servicer], max_concurrency=engine.capacity) as (server, channel):
+        client = aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1)
+        yield engine, server, client
+        await client.close()
+    engine.batcher.close()
+
+
+def caller_texts(n: int) -> list[str]:
+    """A different text of a different length for each caller: batches pad and reorder."""
+    return [f"caller {i} asks about " + " ".join(["the weather", "ships", "bread and cheese"][i % 3:]) * (1 + i % 5)
+            for i in range(n)]
+
+
+async def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_concurrent_callers_share_batches_and_each_gets_its_own_vectors(batched):
+    engine, server, client = batched
+    texts = caller_texts(BATCH)
+    alone = [engine.embed(EmbedRequest([t], normalize=i % 2 == 0)).vectors[0] for i, t in enumerate(texts)]
+    before = engine.batcher.stats.batches
+    outs = await asyncio.gather(*(client.embedding.embed(MODEL, [t], normalize=i % 2 == 0)
+                                  for i, t in enumerate(texts)))
+    for i, out in enumerate(outs):
+        np.testing.assert_allclose(np.array(vectors(out))[0], alone[i], atol=1e-5, err_msg=f"caller {i}")
+        assert out.usage.input_units == len(engine.tokenizer(texts[i])["input_ids"])
+    ran = engine.batcher.stats.batches - before
+    assert ran < BATCH and engine.batcher.stats.largest > 1, f"{BATCH} calls ran in {ran} batches"
+    assert server.limit.in_flight == 0
+
+
+async def test_a_text_too_long_fails_only_its_caller(batched):
+    engine, server, client = batched
+    texts = caller_texts(BATCH)
+    texts[5] = "word " * 300  # passes the cheap checks; 302 tokens fail in the batch
+    before = engine.batcher.stats.calls
+    outs = await asyncio.gather(*(client.embedding.embed(MODEL, [t]) for t in texts), return_exceptions=True)
+    assert isinstance(outs[5], aimesh.AimeshError) and outs[5].code == grpc.StatusCode.OUT_OF_RANGE
+    assert outs[5].metadata["field"] == "texts[0]"
+    for i, out in enumerate(outs):
+        if i != 5:
+            assert not isinstance(out, BaseException), (i, out)
+            np.testing.assert_allclose(np.array(vectors(out))[0], engine.embed(EmbedRequest([texts[i]])).vectors[0],
+                                       atol=1e-5)
+    assert engine.batcher.stats.calls - before == BATCH
+    assert server.limit.in_flight == 0
+
+
+async def test_a_cancelled_call_is_dropped_before_its_batch_runs(batched):
+    engine, server, _ = batched
+    before = engine.batcher.stats
+    dropped, batches = before.dropped, before.batches
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = embedding_pb2_grpc.EmbeddingServiceStub(channel).Embed(
+            embedding_pb2.EmbedRequest(model=MODEL, texts=["never embedded"]), timeout=60)
+        await wait_for(lambda: engine.batcher.waiting == 1, "the call to wait for its batch")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_for(lambda: server.limit.in_flight == 0, "the slot to be released")
+    await wait_for(lambda: engine.batcher.waiting == 0, "the cancelled call to leave the queue")
+    assert engine.batcher.stats.dropped == dropped + 1 and engine.batcher.stats.batches == batches

@@ -102,7 +102,7 @@ async def test_sizes_count_toward_max_items_and_an_oversized_item_runs_alone(rec
         first = asyncio.ensure_future(b.run(0))
         await asyncio.to_thread(recorder.started.wait, WAIT_S)
         rest = [asyncio.ensure_future(b.run(i, size=s)) for i, s in ((1, 3), (2, 2), (3, 9), (4, 1))]
-        await asyncio.to_thread(wait_until, lambda: len(b._pending) == 4, "4 queued")
+        await asyncio.to_thread(wait_until, lambda: b.waiting == 4, "4 queued")
         recorder.gate.set()
         assert await asyncio.gather(first, *rest) == [0, 1, 4, 9, 16]
         # In arrival order, never over 4 items unless one item alone is bigger.
@@ -130,7 +130,7 @@ async def test_cancel_drops_an_item_whose_batch_has_not_started(recorder):
         await asyncio.to_thread(recorder.started.wait, WAIT_S)
         doomed = asyncio.ensure_future(b.run(2))
         kept = asyncio.ensure_future(b.run(3))
-        await asyncio.to_thread(wait_until, lambda: len(b._pending) == 2, "2 queued")
+        await asyncio.to_thread(wait_until, lambda: b.waiting == 2, "2 queued")
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):
             await doomed

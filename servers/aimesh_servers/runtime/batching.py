@@ -89,6 +89,12 @@ class DynamicBatcher(Generic[Item, Result]):
         self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
         self._worker.start()
 
+    @property
+    def waiting(self) -> int:
+        """Submissions queued for a batch that has not started (the queue depth)."""
+        with self._wakeup:
+            return len(self._pending)
+
     def submit(self, item: Item, size: int = 1) -> Work[Item, Result]:
         """Queue an item; its `future` answers. ServerBusy when `capacity` callers wait already."""
         work: Work[Item, Result] = Work(item, max(1, size))
@@ -111,7 +117,10 @@ class DynamicBatcher(Generic[Item, Result]):
             return await asyncio.wrap_future(work.future)
         except asyncio.CancelledError:
             work.cancel.set()
-            if not work.future.cancel():  # running: hold the caller's slot until it is done
+            if work.future.cancel():  # not started: the worker drops it now
+                with self._wakeup:
+                    self._wakeup.notify()
+            else:  # running: hold the caller's slot until the model is done with it
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(asyncio.wrap_future(work.future))
             raise
@@ -127,9 +136,10 @@ class DynamicBatcher(Generic[Item, Result]):
         """The next items to run, once full or the oldest has waited long enough; None once closed."""
         with self._wakeup:
             while True:
-                while self._pending and self._pending[0].future.cancelled():
-                    self._pending.popleft()
-                    self.stats.dropped += 1
+                if any(w.future.cancelled() for w in self._pending):
+                    kept = [w for w in self._pending if not w.future.cancelled()]
+                    self.stats.dropped += len(self._pending) - len(kept)
+                    self._pending = collections.deque(kept)
                 if self._pending:
                     waited_until = self._pending[0].queued_at + self.max_wait_s
                     queued = sum(w.size for w in self._pending)
