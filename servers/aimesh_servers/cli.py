@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import replace
 
@@ -70,6 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--consul", metavar="ADDR",
                     help="discover model servers through the Consul agent at ADDR (host:port); "
                          "servers it starts register there")
+    up.add_argument("--no-tenancy", action="store_true",
+                    help="no tokens, no limits (usage is still recorded): local experiments only")
+    up.add_argument("--database", default=os.environ.get("AIMESH_DATABASE_URL"),
+                    help="tenants and usage: a PostgreSQL URL (default: SQLite in the state dir; "
+                         "env AIMESH_DATABASE_URL)")
+    up.add_argument("--redis", default=os.environ.get("AIMESH_REDIS_URL"),
+                    help="shared limit counters, e.g. redis://host:6379/0 (default: in memory; "
+                         "env AIMESH_REDIS_URL)")
+    up.add_argument("--front-doors", type=int, default=int(os.environ.get("AIMESH_FRONT_DOORS", "1")),
+                    help="front doors (Envoy instances) sharing the limits: each admits its share "
+                         "of a requests-per-window limit (default 1)")
+    up.add_argument("--trust-issuer", metavar="FILE",
+                    help="YAML list of external identity providers whose tokens are accepted")
     up.set_defaults(func=_up)
 
     add_tenants_parser(sub)
@@ -80,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     return args.func(args)
 
 

@@ -24,7 +24,7 @@ def free_port() -> int:
 
 class Mesh:
     def __init__(self, state_dir: Path, registry: Path | None = None, only: list[str] | None = None,
-                 extra_args: Sequence[str] = ()):
+                 extra_args: Sequence[str] = (), tenancy: bool = False):
         self.port, self.admin_port = free_port(), free_port()
         self.state_dir = state_dir
         args = [sys.executable, "-m", "aimesh_servers.cli", "up", "--port", str(self.port),
@@ -34,6 +34,10 @@ class Mesh:
         for kind in only or ():
             args += ["--only", kind]
         args += extra_args
+        # Tests of routing, fallback and modalities run without tokens; tenancy tests
+        # (and `aimesh up` itself, by default) run with them.
+        if not tenancy:
+            args.append("--no-tenancy")
         self.lines: list[str] = []
         self._ready = threading.Event()
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -50,6 +54,15 @@ class Mesh:
     @property
     def front(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def token(self) -> str:
+        """The local tenant's token `aimesh up` made (tenancy on)."""
+        return (self.state_dir / "local.token").read_text().strip()
+
+    @property
+    def admin_token(self) -> str:
+        return (self.state_dir / "admin.token").read_text().strip()
 
     @property
     def output(self) -> str:

@@ -47,6 +47,7 @@ from .tenancy_envoy import (
     jwt_filter,
     lua_filter,
     route_metadata,
+    virtual_host_metadata,
 )
 
 MODEL_HEADER = "x-aimesh-model"
@@ -62,6 +63,7 @@ ACCESS_LOG_FORMAT = {
     "start_ms": "%START_TIME(%s%3f)%",
     "method": "%REQ(:METHOD)%",
     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "grpc_path": "%REQ(:PATH)%",  # the gRPC method, also of a transcoded HTTP/JSON call
     "model": "%REQ(X-AIMESH-MODEL)%",
     "served_model": "%RESP(X-AIMESH-SERVED-MODEL)%",
     "pool": "%RESP(X-AIMESH-POOL)%",
@@ -219,7 +221,7 @@ def _retry_policy() -> dict[str, Any]:
 
 
 def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool,
-                 admission: dict[str, Any]) -> dict[str, Any]:
+                 version: int) -> dict[str, Any]:
     match: dict[str, Any] = {"prefix": f"/{service}/"}
     if by_header:
         match["headers"] = [{"name": MODEL_HEADER, "string_match": {"exact": model.id}}]
@@ -235,22 +237,21 @@ def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool,
             "max_stream_duration": {"grpc_timeout_header_max": _duration(spec.route_timeout_s)},
             "retry_policy": _retry_policy(),
         },
-        "metadata": route_metadata(SERVICE_CAPABILITY.get(service, ""), model.id, False, admission),
+        "metadata": route_metadata(SERVICE_CAPABILITY.get(service, ""), model.id, False, version),
     }
 
 
-def _control_route(prefix: str, capability: str, public: bool,
-                   admission: dict[str, Any]) -> dict[str, Any]:
+def _control_route(prefix: str, capability: str, public: bool, version: int) -> dict[str, Any]:
     return {"match": {"prefix": prefix}, "route": {"cluster": CONTROL_CLUSTER, "timeout": "30s"},
-            "metadata": route_metadata(capability, "", public, admission)}
+            "metadata": route_metadata(capability, "", public, version)}
 
 
-def routes(spec: MeshSpec, admission: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    admission = admission if admission is not None else INITIAL_ADMISSION
+def routes(spec: MeshSpec, version: int = INITIAL_ADMISSION["version"]) -> list[dict[str, Any]]:
+    """Every route, each with its constants and the admission state's `version` in its metadata."""
     out: list[dict[str, Any]] = [
-        *(_control_route(prefix, "", True, admission) for prefix in PUBLIC_PREFIXES),
-        _control_route(TENANT_SERVICE_PREFIX, ADMIN_CAPABILITY, False, admission),
-        _control_route(USAGE_SERVICE_PREFIX, USAGE_CAPABILITY, False, admission),
+        *(_control_route(prefix, "", True, version) for prefix in PUBLIC_PREFIXES),
+        _control_route(TENANT_SERVICE_PREFIX, ADMIN_CAPABILITY, False, version),
+        _control_route(USAGE_SERVICE_PREFIX, USAGE_CAPABILITY, False, version),
         # Servers report usage to the control plane directly; never from the front door.
         {"match": {"prefix": INGEST_SERVICE_PREFIX}, "direct_response": {
             "status": 404, "body": {"inline_string": "usage ingest is internal to the mesh\n"}}},
@@ -258,25 +259,27 @@ def routes(spec: MeshSpec, admission: dict[str, Any] | None = None) -> list[dict
     defaults: set[str] = set()
     for model in spec.registry.models:
         for service in model.services:
-            out.append(_model_route(spec, service, model, True, admission))
+            out.append(_model_route(spec, service, model, True, version))
     for model in spec.registry.models:
         for service in model.services:
             if service not in defaults:  # the first model of a capability is its default
                 defaults.add(service)
-                out.append(_model_route(spec, service, model, False, admission))
+                out.append(_model_route(spec, service, model, False, version))
     # Any other aimesh call names a model that does not exist: control answers NOT_FOUND.
-    out.append(_control_route("/aimesh.", "", False, admission))
+    out.append(_control_route("/aimesh.", "", False, version))
     out.append({"match": {"prefix": "/"}, "direct_response": {
         "status": 404, "body": {"inline_string": "no such aimesh route; see GET /v1/models\n"}}})
     return out
 
 
 def route_configuration(spec: MeshSpec, admission: dict[str, Any]) -> dict[str, Any]:
-    """The RDS resource: every route, with `admission` in each route's metadata."""
+    """The RDS resource: every route, and the admission state in the virtual host's metadata."""
     return {
         "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         "name": ROUTE_CONFIG_NAME,
-        "virtual_hosts": [{"name": "aimesh", "domains": ["*"], "routes": routes(spec, admission)}],
+        "virtual_hosts": [{"name": "aimesh", "domains": ["*"],
+                           "metadata": virtual_host_metadata(admission),
+                           "routes": routes(spec, int(admission["version"]))}],
     }
 
 

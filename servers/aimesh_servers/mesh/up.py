@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from ..registry.discovery import Discovery, LocalDiscovery
 from ..registry.schema import Model, Pool, Registry, RegistryError, load_registry
 from ..runtime.runner import ModelServer
 from ..runtime.settings import ServerSettings
+from ..tenancy.bootstrap import LocalAccess
+from ..tenancy.plane import TenancyPlane, TenancySettings, load_issuers
 from . import envoy_process
 from .children import terminate_with_parent
 from .controller import EndpointController
@@ -53,13 +56,13 @@ class ServerProc:
 
 
 async def _start_server(model: Model, pool: Pool, index: int, state: Path,
-                        consul: str | None) -> ServerProc:
+                        consul: str | None, usage_addr: str) -> ServerProc:
     version = model.default
     args = [sys.executable, "-m", "aimesh_servers.cli", "serve", pool.serve, "--model", model.id,
             "--source", pool.source or version.source, "--version", version.version, "--pool", pool.id]
     registration = ({"AIMESH_CONSUL_HTTP_ADDR": consul} if consul
                     else {"AIMESH_REGISTRY_DIR": str(state / "registrations")})
-    env = {**os.environ, **registration,
+    env = {**os.environ, **registration, "AIMESH_USAGE_ADDR": usage_addr,
            "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **pool.env}
     log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
     proc = await asyncio.create_subprocess_exec(
@@ -100,6 +103,12 @@ async def _wait_routable(servers: list[ServerProc], controller: EndpointControll
         + ", ".join(f"{i.model}/{i.pool}@{i.port}" for i in pending))
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _select(registry: Registry, only: list[str] | None) -> Registry:
     if not only:
         return registry
@@ -112,19 +121,32 @@ def _select(registry: Registry, only: list[str] | None) -> Registry:
     return registry.model_copy(update={"models": models})
 
 
-def _banner(spec: MeshSpec) -> str:
+def _banner(spec: MeshSpec, access: LocalAccess | None) -> str:
     front = f"{spec.listen_host}:{spec.port}"
     text_model = next((m.id for m in spec.registry.models if m.capability.value == "text_generation"), None)
     lines = [
         f"mesh ready: front door {front} (gRPC and HTTP/JSON), Envoy admin 127.0.0.1:{spec.admin_port}",
+    ]
+    if access is not None:
+        lines += [
+            f"  tenant:  {access.tenant!r}; its token (every capability) is in {access.token_path}",
+            f"           export AIMESH_TOKEN=$(cat {access.token_path})",
+            f"  admin:   {access.admin_token_path} (aimesh tenants create|list|token|set-limit ...)",
+        ]
+        auth = ' -H "authorization: Bearer $AIMESH_TOKEN"'
+        sdk_token = ", token=os.environ['AIMESH_TOKEN']"
+    else:
+        auth, sdk_token = "", ""
+    lines += [
         f"  models:  curl -s http://{front}/v1/models",
         f"  grpcurl: grpcurl -plaintext {front} list",
     ]
     if text_model:
         body = '{"messages":[{"role":"ROLE_USER","content":"What is the capital of France?"}]}'
         lines += [
-            f"  stream:  curl -sN http://{front}/v1/models/{text_model}:streamGenerate -d '{body}'",
-            f"  python:  aimesh.Client('{front}').text.generate('{text_model}', [('user', 'Hi!')]).text",
+            f"  stream:  curl -sN{auth} http://{front}/v1/models/{text_model}:streamGenerate -d '{body}'",
+            f"  python:  aimesh.Client('{front}'{sdk_token}).text.generate('{text_model}', [('user', 'Hi!')]).text",
+            f"  usage:   curl -s{auth} http://{front}/v1/usage:summary",
         ]
     lines.append(f"  logs:    {spec.state_dir}/  (Ctrl-C stops everything)")
     return "\n".join(lines)
@@ -144,16 +166,28 @@ async def _run(args: argparse.Namespace) -> int:
 
     controller: EndpointController | None = None
     envoy_health = EnvoyHealth(f"http://127.0.0.1:{args.admin_port}")
-    control = ModelServer(
-        ServerSettings(port=0, drain_delay_s=0, drain_grace_s=1, max_concurrency=256),
-        [ControlCapability(registry, lambda: controller.instances if controller else [],
-                           envoy_health)],
-    )
-    control_port = await control.start()
+    # The control server's port goes into the Envoy config, and the tenancy plane's
+    # services are served by it: bind first, build the plane, then start serving.
+    control_port = _free_port()
     spec = MeshSpec(registry=registry, state_dir=state, control_port=control_port,
-                    port=args.port, admin_port=args.admin_port, listen_host=args.listen)
+                    port=args.port, admin_port=args.admin_port, listen_host=args.listen,
+                    tenancy=not args.no_tenancy)
+    if args.no_tenancy:
+        say("WARNING: tenancy is OFF (--no-tenancy): every caller is served without a token or "
+            "limits, and TenantService refuses everyone. Never expose this front door.")
+    plane = await asyncio.to_thread(TenancyPlane, spec, registry, TenancySettings(
+        enforce=not args.no_tenancy, database_url=args.database, redis_url=args.redis,
+        front_doors=args.front_doors, trusted_issuers=load_issuers(args.trust_issuer)))
+    access = None if args.no_tenancy else await asyncio.to_thread(plane.bootstrap)
+    control = ModelServer(
+        ServerSettings(port=control_port, drain_delay_s=0, drain_grace_s=1, max_concurrency=256),
+        [ControlCapability(registry, lambda: controller.instances if controller else [],
+                           envoy_health), *plane.capabilities],
+    )
+    await control.start()
     controller = EndpointController(spec, registry)
     config = envoy_process.write_config(spec, controller)
+    await plane.start()
     await asyncio.to_thread(envoy_process.validate, config)
     say(f"envoy config valid: {config}")
     envoy = envoy_process.start(config, state / "logs" / "envoy.log")
@@ -170,7 +204,8 @@ async def _run(args: argparse.Namespace) -> int:
         for model in registry.models:
             for pool in model.pools:
                 for index in range(pool.replicas):
-                    server = await _start_server(model, pool, index, state, args.consul)
+                    server = await _start_server(model, pool, index, state, args.consul,
+                                                 f"127.0.0.1:{control_port}")
                     servers.append(server)
                     tasks.append(asyncio.create_task(_follow(server)))
         say(f"started {len(servers)} model server(s); loading models...")
@@ -180,7 +215,7 @@ async def _run(args: argparse.Namespace) -> int:
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
-            say(_banner(spec))
+            say(_banner(spec, access))
         await stop.wait()
     finally:
         say("shutting down: draining model servers")
@@ -191,12 +226,13 @@ async def _run(args: argparse.Namespace) -> int:
         for server in servers:
             try:
                 await asyncio.wait_for(server.proc.wait(), timeout=30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 server.proc.kill()
         envoy.terminate()
         await asyncio.to_thread(envoy.wait, 10)
         for task in tasks:
             task.cancel()
+        await plane.close()  # every call the servers reported and Envoy logged is written
         await control.drain()
         say("stopped")
     return 0
@@ -205,6 +241,6 @@ async def _run(args: argparse.Namespace) -> int:
 def run_up(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run(args))
-    except (RegistryError, envoy_process.EnvoyError) as exc:
+    except (RegistryError, envoy_process.EnvoyError, ValueError) as exc:
         say(f"error: {exc}")
         return 2
