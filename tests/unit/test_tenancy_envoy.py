@@ -137,13 +137,16 @@ def test_provider_names_must_be_unique():
         jwt_authentication([MESH, MESH])
 
 
-def test_routes_carry_capability_model_and_the_admission_state(tmp_path):
+def test_routes_carry_capability_model_and_version_and_the_host_the_admission_state(tmp_path):
     spec = spec_for(tmp_path)
-    table = routes(spec, ADMISSION)
+    write_routes(spec, ADMISSION)
+    (host,) = yaml.safe_load(spec.routes_path.read_text())["resources"][0]["virtual_hosts"]
+    assert host["metadata"]["filter_metadata"][LUA_FILTER] == {"admission": ADMISSION}
+    table = host["routes"]
+    assert table == routes(spec, 7)
     by_name = {r.get("name"): r for r in table}
     chat = by_name["chat:aimesh.text.v1.TextGenerationService"]["metadata"]["filter_metadata"][LUA_FILTER]
-    assert (chat["capability"], chat["model"], chat["public"], chat["version"]) == ("text", "chat", False, 7)
-    assert chat["admission"] == ADMISSION
+    assert chat == {"capability": "text", "model": "chat", "public": False, "version": 7}
     default = by_name["chat:aimesh.text.v1.TextGenerationService:default"]["metadata"]["filter_metadata"][LUA_FILTER]
     assert default["model"] == "chat"
     by_prefix = {r["match"]["prefix"]: r for r in table if "headers" not in r["match"]}

@@ -7,13 +7,16 @@
   trusted providers change without restarting Envoy (applied on the next file poll).
 - Admission: one Lua filter after jwt_authn. It copies `{model}` from an HTTP/JSON path
   into the routing header, then reads the matched route's metadata: constants
-  (`capability`, `model`, `public`) and the admission state the quota controller
-  publishes (`write_routes`, RDS from a file). It refuses revoked tokens, unknown or
+  (`capability`, `model`, `public`) and the `version` of the admission state the quota
+  controller publishes (`write_routes`, RDS from a file) in the virtual host's metadata.
+  It refuses revoked tokens, unknown or
   disabled tenants, calls outside the token's scope or the tenant's capabilities and
   models, blocked tenants (units per window, monthly budget) and calls over a
   requests-per-window limit, counted in Lua (fixed windows; Envoy runs one worker, so
-  the counter is exact for this front door). The admission table is converted once per
-  `version`, so a call costs a few lookups, not a conversion of every tenant.
+  the counter is exact for this front door). The admission table is read and converted
+  once per `version`, so a call costs a few lookups, not a conversion of every tenant
+  (Envoy's Lua copies metadata on every read: with 1,000 tenants in each route's
+  metadata, merely reading it cost ~0.5 ms per call).
 - Refusals are AIP-193: gRPC callers get a trailers-only reply with `grpc-status-details-bin`
   (ErrorInfo, QuotaFailure, RetryInfo encoded in Lua); the gRPC-JSON transcoder turns that
   into the HTTP status and a JSON google.rpc.Status for HTTP/JSON callers. Every refusal
@@ -168,19 +171,22 @@ def jwt_filter(spec: MeshSpec) -> dict[str, Any]:
     }}
 
 
-def route_metadata(capability: str, model: str, public: bool,
-                   admission: dict[str, Any]) -> dict[str, Any]:
-    """What the Lua filter reads from a route: its constants and the admission state
-    (`version` apart, so the filter converts `admission` only when it changes)."""
+def route_metadata(capability: str, model: str, public: bool, version: int) -> dict[str, Any]:
+    """What the Lua filter reads from a route on every call: its constants and the version
+    of the admission state (small: Envoy's Lua copies a route's metadata on each read)."""
     return {"filter_metadata": {LUA_FILTER: {
-        "capability": capability, "model": model, "public": public,
-        "version": int(admission["version"]), "admission": admission,
-    }}}
+        "capability": capability, "model": model, "public": public, "version": version}}}
+
+
+def virtual_host_metadata(admission: dict[str, Any]) -> dict[str, Any]:
+    """The admission state, read by the Lua filter only when the routes' version changes."""
+    return {"filter_metadata": {LUA_FILTER: {"admission": admission}}}
 
 
 def write_routes(spec: MeshSpec, admission: dict[str, Any]) -> Path:
-    """Writes the RDS file (every route, with `admission` in its metadata) atomically;
-    Envoy applies it to new calls on its next poll of the folder."""
+    """Writes the RDS file (every route; `admission` in the virtual host's metadata, its
+    version in each route's) atomically; Envoy applies it to new calls on its next poll of
+    the folder."""
     from .controller import write_atomically
     from .envoy_config import route_configuration
 
@@ -294,9 +300,9 @@ end
 -- The admission state as published, turned into lookup tables once per version.
 local STATE_VERSION = nil
 local STATE = nil
-local function state_for(meta, version)
+local function state_for(h, version)
   if version ~= STATE_VERSION then
-    local admission = meta:get("admission") or {}
+    local admission = h:virtualHost():metadata():get("admission") or {}
     local tenants = {}
     for id, t in pairs(admission.tenants or {}) do
       tenants[id] = {disabled = t.disabled == true, capabilities = set_of(t.capabilities),
@@ -345,7 +351,7 @@ function envoy_on_request(h)
     return refuse(h, {code = GRPC.UNAUTHENTICATED, reason = "UNAUTHENTICATED",
                       message = "the token names no tenant"})
   end
-  local state = state_for(meta, version)
+  local state = state_for(h, version)
   if not state.enforce then return end
   local token_id = headers:get("x-aimesh-token-id")
   if token_id ~= nil and state.revoked[token_id] then
