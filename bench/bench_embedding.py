@@ -83,7 +83,8 @@ async def measure(servers: dict[str, common.ServerProcess], texts: list[str], se
                     stub = pb_grpc.EmbeddingServiceStub(channel)
                     counter = [0]
 
-                    async def call(index: int, stub: pb_grpc.EmbeddingServiceStub = stub) -> None:
+                    async def call(index: int, stub: pb_grpc.EmbeddingServiceStub = stub,
+                                   counter: list[int] = counter) -> None:
                         counter[0] += 1
                         text = texts[(counter[0] * 7 + index) % len(texts)]
                         await stub.Embed(pb.EmbedRequest(model=DEFAULT_MODEL.id, texts=[text], normalize=True),

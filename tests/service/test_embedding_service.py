@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import asyncio
 
+import aimesh
 import grpc
 import numpy as np
 import pytest
-
-import aimesh
 from aimesh.client.embedding import vectors
 from aimesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from aimesh_servers import embedding
 from aimesh_servers.embedding.engine import EmbeddingEngine, EmbedRequest
 from aimesh_servers.embedding.servicer import EmbeddingServicer
 from aimesh_servers.runtime.batching import BatchSettings
+
 from tests.servers import in_process_server
 
 MODEL = embedding.DEFAULT_MODEL.id
@@ -117,7 +117,7 @@ async def batched():
     engine = EmbeddingEngine(embedding.DEFAULT_MODEL.source,
                              batching=BatchSettings(max_items=BATCH, max_wait_ms=10_000))
     servicer = EmbeddingServicer(embedding.DEFAULT_MODEL, engine, "local")
-    async with in_process_server([servicer], max_concurrency=engine.capacity) as (server, channel):
+    async with in_process_server([servicer], max_concurrency=engine.capacity) as (server, _):
         client = aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1)
         yield engine, server, client
         await client.close()

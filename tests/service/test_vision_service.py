@@ -1,18 +1,23 @@
 """ImageToTextService over a real in-process grpc.aio server: real tesseract OCR and
-the tiny random-weight BLIP, through the SDK (async and sync)."""
+the tiny random-weight BLIP, through the SDK (async and sync), alone and with concurrent
+callers sharing batches."""
 
 from __future__ import annotations
 
 import asyncio
 
+import aimesh
 import grpc
 import pytest
-
-import aimesh
 from aimesh.vision.v1 import image_to_text_pb2 as pb
 from aimesh.vision.v1 import image_to_text_pb2_grpc as pb_grpc
 from aimesh_servers import vision
-from tests.images import LINES, encode, png_claiming, text_image
+from aimesh_servers.runtime.batching import BatchSettings
+from aimesh_servers.vision.engine import DescribeRequest, VisionEngine
+from aimesh_servers.vision.servicer import ImageToTextServicer
+from PIL import Image, ImageDraw, ImageFont
+
+from tests.images import FONT, LINES, encode, png_claiming, text_image
 from tests.servers import in_process_server
 
 MODEL = vision.DEFAULT_MODEL.id
@@ -112,3 +117,78 @@ def test_sdk_refuses_an_unknown_task_name_before_sending(printed):
     with aimesh.Client("127.0.0.1:1", max_attempts=1) as client:
         with pytest.raises(ValueError, match="task must be one of"):
             client.vision.describe_image(MODEL, printed, tasks=["poetry"])
+
+
+# Dynamic batching: batches of 8 images, and a long wait for a batch to fill, so that
+# concurrent callers surely share one and a lone call surely waits.
+BATCH = 8
+
+
+def numbered(i: int) -> bytes:
+    """A PNG with its own printed text, so each caller can tell its answer from others'."""
+    image = Image.new("RGB", (360, 80), "white")
+    ImageDraw.Draw(image).text((20, 20), f"Caller {i} page", fill="black", font=ImageFont.truetype(FONT, 32))
+    return encode(image, "PNG")
+
+
+@pytest.fixture(scope="module")
+async def batched():
+    engine = VisionEngine(vision.DEFAULT_MODEL.source, batching=BatchSettings(max_items=BATCH, max_wait_ms=10_000))
+    servicer = ImageToTextServicer(vision.DEFAULT_MODEL, engine, "local")
+    async with in_process_server([servicer], max_concurrency=engine.capacity) as (server, _):
+        client = aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1)
+        yield engine, server, client
+        await client.close()
+    engine.batcher.close()
+
+
+async def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_concurrent_callers_share_batches_and_each_gets_its_own_answer(batched):
+    engine, server, client = batched
+    images = [numbered(i) for i in range(BATCH)]
+    prompts = ["", "a picture of"]  # two prompts: two generate calls in one batch
+    alone = [engine.describe(DescribeRequest(png, tasks=("caption",), caption_prompt=prompts[i % 2])).caption
+             for i, png in enumerate(images)]
+    before = engine.batcher.stats.batches
+    outs = await asyncio.gather(*(
+        client.vision.describe_image(MODEL, png, tasks=["caption", "ocr"], caption_prompt=prompts[i % 2])
+        for i, png in enumerate(images)))
+    for i, out in enumerate(outs):
+        assert out.text == f"Caller {i} page", (i, out.text)
+        assert out.caption == alone[i], i
+    ran = engine.batcher.stats.batches - before
+    assert ran < BATCH and engine.batcher.stats.largest > 1, f"{BATCH} calls ran in {ran} batches"
+    assert server.limit.in_flight == 0
+
+
+async def test_a_bad_image_fails_only_its_caller(batched):
+    _, server, client = batched
+    images = [numbered(i) for i in range(BATCH)]
+    images[3] = images[3][: len(images[3]) // 2]  # truncated: fails decoding, inside the batch
+    outs = await asyncio.gather(*(client.vision.describe_image(MODEL, png, tasks=["ocr"]) for png in images),
+                                return_exceptions=True)
+    assert isinstance(outs[3], aimesh.AimeshError) and outs[3].reason == "UNSUPPORTED_MEDIA"
+    assert outs[3].metadata["field"] == "image"
+    assert [out.text for i, out in enumerate(outs) if i != 3] == [f"Caller {i} page" for i in range(BATCH) if i != 3]
+    assert server.limit.in_flight == 0
+
+
+async def test_a_cancelled_call_is_dropped_before_its_batch_runs(batched, printed):
+    engine, server, _ = batched
+    dropped, batches = engine.batcher.stats.dropped, engine.batcher.stats.batches
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = pb_grpc.ImageToTextServiceStub(channel).DescribeImage(
+            pb.DescribeImageRequest(model=MODEL, image=printed), timeout=60)
+        await wait_for(lambda: engine.batcher.waiting == 1, "the call to wait for its batch")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await wait_for(lambda: server.limit.in_flight == 0, "the slot to be released")
+    await wait_for(lambda: engine.batcher.waiting == 0, "the cancelled call to leave the queue")
+    assert engine.batcher.stats.dropped == dropped + 1 and engine.batcher.stats.batches == batches

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import pytest
-
 from aimesh_servers.runtime.batching import BatchSettings, DynamicBatcher, Work
 from aimesh_servers.runtime.errors import InvalidArgument, ServerBusy
 

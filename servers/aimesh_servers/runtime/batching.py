@@ -171,7 +171,7 @@ class DynamicBatcher(Generic[Item, Result]):
                 results = self.run_batch(batch)
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch answered {len(results)} of {len(batch)} items")
-            except BaseException as exc:  # the whole batch failed: each caller hears why
+            except BaseException as exc:  # noqa: BLE001 - the whole batch failed: each caller hears why
                 results = [exc] * len(batch)
             size = sum(w.size for w in batch)
             self.stats.batches += 1  # counted before answering: a caller that got its answer sees its batch
