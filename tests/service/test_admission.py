@@ -1,5 +1,6 @@
-"""Admission over a real in-process gRPC server: the image server (one slot) with the tiny
-random-weight SD, whose slow generations hold the slot for as long as a test needs.
+"""Admission over a real in-process gRPC server: the image server with the tiny
+random-weight SD and one slot (batches of 1), whose slow generations hold the slot for as
+long as a test needs.
 Also the SDK's busy retries, which follow the server's RetryInfo."""
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 from aimesh.image.v1 import image_generation_pb2 as pb
 from aimesh.image.v1 import image_generation_pb2_grpc as pb_grpc
 from aimesh_servers import image
+from aimesh_servers.image.engine import ImageEngine
+from aimesh_servers.image.servicer import ImageGenerationServicer
 from aimesh_servers.runtime import accounting
 from aimesh_servers.runtime.runner import ModelServer
 from google.rpc import error_details_pb2
@@ -28,7 +31,8 @@ QUICK = pb.GenerateImageRequest(model=MODEL, prompt="a boat", steps=1, seed=1)
 
 @contextlib.asynccontextmanager
 async def image_server(**settings: object) -> AsyncIterator[tuple[ModelServer, pb_grpc.ImageGenerationServiceStub]]:
-    servicer = image.build(image.DEFAULT_MODEL, image.ServerSettings())
+    servicer = ImageGenerationServicer(image.DEFAULT_MODEL, ImageEngine("builtin:tiny-sd", max_batch=1),
+                                       "local")
     async with in_process_server([servicer], **settings) as (server, channel):
         yield server, pb_grpc.ImageGenerationServiceStub(channel)
 
@@ -74,7 +78,7 @@ def busy_details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorIn
 
 async def test_a_call_over_capacity_waits_then_is_served_and_says_how_long():
     async with image_server(max_queue=4, queue_timeout_s=120) as (server, stub):
-        assert server.limit.slots == 1  # the image engine's capacity
+        assert server.limit.slots == 1  # the engine's capacity: its batch
         async with hog(stub, server):
             waiter = stub.GenerateImage(QUICK, timeout=120)
             await until(lambda: server.limit.waiting == 1, "the call queued")

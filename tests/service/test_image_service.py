@@ -193,3 +193,19 @@ def test_aimesh_serve_image_answers_the_sync_client():
     assert event.HasField("progress")
     assert events[2].image.png == again[2].image.png
     assert events[-1].result.served_by.random_weights
+
+
+async def test_concurrent_same_shape_calls_share_pipeline_calls(served):
+    servicer, server, client = served
+    before = servicer.engine.batch_sizes.copy()
+
+    async def one(seed: int) -> list:
+        return [e async for e in client.image.generate_image(MODEL, "a boat", steps=10, seed=seed)]
+
+    results = await asyncio.gather(*(one(seed) for seed in range(4)))
+    assert all(r[-1].HasField("result") for r in results)
+    assert [r[-2].image.seed for r in results] == [0, 1, 2, 3]
+    sizes = servicer.engine.batch_sizes - before
+    assert sum(size * calls for size, calls in sizes.items()) == 4
+    assert max(sizes) > 1, f"every call ran alone: {dict(sizes)}"
+    assert server.limit.in_flight == 0

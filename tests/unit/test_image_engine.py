@@ -144,3 +144,76 @@ def test_bad_requests_raise_with_the_field(engine, request_kwargs, error, field)
     with pytest.raises(error) as caught:
         engine.prepare(request)
     assert caught.value.field == field
+
+
+@pytest.fixture(scope="module")
+def batching() -> ImageEngine:
+    """An engine whose batches wait (up to 30 s) until 4 images of a shape are there."""
+    engine = ImageEngine("builtin:tiny-sd", max_batch=4, batch_wait_s=30)
+    engine.load()
+    return engine
+
+
+def max_pixel_difference(a: bytes, b: bytes) -> int:
+    pixels = [Image.open(io.BytesIO(png)).convert("RGB").tobytes() for png in (a, b)]
+    return max(abs(x - y) for x, y in zip(*pixels, strict=True))
+
+
+def run_together(engine: ImageEngine, requests: list[ImageRequest]) -> list[list]:
+    jobs = [engine.prepare(r) for r in requests]
+    results: list[list] = [[] for _ in jobs]
+    threads = [threading.Thread(target=lambda i=i: results[i].extend(engine.stream(jobs[i], threading.Event())))
+               for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads), "a request never finished"
+    return results
+
+
+def test_same_shape_requests_share_one_pipeline_call_and_keep_their_own_images(batching, engine):
+    requests = [ImageRequest("a red fox", steps=3, seed=1),
+                ImageRequest("a blue boat", negative_prompt="fog", steps=3, seed=2, num_images=2),
+                ImageRequest("a green tree", steps=3, seed=3, previews=True)]
+    before = batching.batch_sizes.copy()
+    results = run_together(batching, requests)
+    assert batching.batch_sizes - before == {4: 1}, "one pipeline call for the 4 images"
+    for request, events in zip(requests, results, strict=True):
+        steps = [e for e in events if isinstance(e, StepDone)]
+        images = [e for e in events if isinstance(e, FinishedImage)]
+        assert [s.step for s in steps] == [1, 2, 3] and events[-1] == Done(request.num_images, 3)
+        assert [i.seed for i in images] == [request.seed + k for k in range(request.num_images)]
+        assert all(bool(s.preview_png) == request.previews for s in steps)
+        # Batched, a request gets the image it gets alone, up to float rounding in the
+        # batched matmuls (PNG bytes differ; pixels by a level or two out of 255).
+        alone = [e.png for e in run(engine, request) if isinstance(e, FinishedImage)]
+        for got, expected in zip(images, alone, strict=True):
+            difference = max_pixel_difference(got.png, expected)
+            print(f"max pixel difference batched vs alone: {difference}")
+            assert difference <= 2
+
+
+def test_other_shapes_run_in_their_own_calls(batching):
+    before = batching.batch_sizes.copy()
+    results = run_together(batching, [ImageRequest("x", steps=2, seed=1, num_images=2),
+                                       ImageRequest("x", steps=3, seed=1, num_images=2)])
+    assert batching.batch_sizes - before == {2: 2}
+    assert [e[-1] for e in results] == [Done(2, 2), Done(2, 3)]
+
+
+def test_a_request_cancelled_in_a_batch_leaves_while_the_others_finish(batching):
+    jobs = [batching.prepare(ImageRequest("a long one", width=128, height=128, steps=40, seed=s,
+                                          num_images=2)) for s in (1, 2)]
+    cancels = [threading.Event(), threading.Event()]
+    kept: list = []
+    survivor = threading.Thread(target=lambda: kept.extend(batching.stream(jobs[1], cancels[1])))
+    survivor.start()
+    left = []
+    for event in batching.stream(jobs[0], cancels[0]):
+        left.append(event)
+        if isinstance(event, StepDone) and event.step == 2:
+            cancels[0].set()
+    survivor.join(120)
+    assert all(isinstance(e, StepDone) for e in left) and len(left) < 5
+    assert kept[-1] == Done(images=2, steps=40)

@@ -16,8 +16,11 @@ DEFAULT_MODEL = ServedModel(id="tiny-sd", source="builtin:tiny-sd", random_weigh
 def build(model: ServedModel, settings: ServerSettings):
     from .engine import ImageEngine
     from .servicer import ImageGenerationServicer
+    from .settings import ImageSettings
 
     if builtin.has_random_weights(model.source):  # also when named with --source
         model = replace(model, random_weights=True)
-    engine = ImageEngine(model.source, threads=settings.torch_threads)
+    batching = ImageSettings()
+    engine = ImageEngine(model.source, threads=settings.torch_threads, max_batch=batching.max_batch,
+                         batch_wait_s=batching.batch_wait_ms / 1000)
     return ImageGenerationServicer(model, engine, settings.pool)

@@ -7,9 +7,14 @@ denoising step (from `callback_on_step_end`), then each `FinishedImage`, then `D
 The step callback checks a cancel event and raises, which ends the denoising loop
 itself (and skips the VAE decode) when the caller goes away.
 
-A pipeline object and its scheduler hold per-call state, so the engine runs one request
-at a time: `capacity` is 1, and the server's admission queue (not a lock in here) holds
-the calls that wait. Code that drives the engine without a server must do the same.
+One runner thread makes every pipeline call (a pipeline object and its scheduler hold
+per-call state): requests of the same shape (kind, size, steps, guidance, strength) that
+wait together run as one batch of up to `max_batch` images, each image with its own
+prompt and seed generator; a request joins within `batch_wait_s` of the first. On this
+CPU a batch of 4 same-shape images took 1/4.1 of the time of 4 single runs at 64x64 and
+1/1.8 at 256x256 (tiny-sd, 10 steps). A cancelled request leaves its batch at the next
+step; the batch stops only when every request in it has left. `capacity` (the server's
+admission slots) is `max_batch` requests: the server's queue holds the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import io
 import queue
 import secrets
 import threading
+import time
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +38,7 @@ from ..models import builtin
 from ..runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia, media_detail
 
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+_CANCEL_POLL_S = 0.05  # how often a waiting request looks whether its caller left
 SEED_SPACE = 2**63  # seeds are int64 on the wire; image i of a request uses seed + i
 # Linear map from Stable Diffusion's 4 latent channels to RGB: the usual cheap
 # approximation of its VAE decoder, good enough for a progress preview.
@@ -79,6 +87,7 @@ class Job:
     seeds: tuple[int, ...]
     previews: bool
     kwargs: dict[str, Any]  # pipeline arguments, except generator and callback
+    shape: tuple[Any, ...]  # requests of one shape can share a pipeline call
 
 
 @dataclass(frozen=True)
@@ -112,10 +121,16 @@ class ImageEngine:
     source: str
     limits: EngineLimits = field(default_factory=EngineLimits)
     threads: int = 2
-    # Requests the pipeline runs at once: the server's admission slots.
-    capacity: int = 1
+    max_batch: int = 4  # images per pipeline call
+    batch_wait_s: float = 0.02  # how long a batch waits for same-shape requests to join
     # Denoising steps run over the engine's life: observable proof that work stops on cancel.
     steps_run: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # images per call -> calls
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once (the server's slots): enough to fill a batch."""
+        return self.max_batch
 
     def load(self) -> None:
         torch.set_num_threads(self.threads)
@@ -137,6 +152,9 @@ class ImageEngine:
         sample = getattr(self.text2img, "default_sample_size", None) or self.text2img.unet.config.sample_size
         self.default_side = int(sample * self.text2img.vae_scale_factor)
         self._count_lock = threading.Lock()
+        self._pending: deque[_Work] = deque()
+        self._wakeup = threading.Condition()
+        threading.Thread(target=self._run_batches, name="diffusion", daemon=True).start()
 
     def prepare(self, request: ImageRequest) -> Job:
         """Checks `request` (raising InvalidArgument, OutOfRange or UnsupportedMedia) and
@@ -189,11 +207,13 @@ class ImageEngine:
                     field="strength",
                 )
             kwargs.update(image=self._decode(request.image, request.num_images), strength=request.strength)
+        size = kwargs["image"].size if request.image is not None else (kwargs["width"], kwargs["height"])
         return Job(
             image_to_image=request.image is not None,
             seeds=tuple((seed + i) % SEED_SPACE for i in range(request.num_images)),
             previews=request.previews,
             kwargs=kwargs,
+            shape=(request.image is not None, size, steps, guidance, kwargs.get("strength")),
         )
 
     def _side(self, value: int | None, name: str) -> int:
@@ -250,37 +270,21 @@ class ImageEngine:
 
     def stream(self, job: Job, cancel: threading.Event) -> Iterator[StepDone | FinishedImage | Done]:
         """Yields progress per denoising step, then the images, then Done. Ends early,
-        without images, once `cancel` is set."""
-        pipe = self.img2img if job.image_to_image else self.text2img
-        events: queue.Queue[StepDone | list[Image.Image] | BaseException | None] = queue.Queue()
-        steps = 0
-
-        def on_step(pipeline: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            nonlocal steps
-            steps += 1
-            with self._count_lock:
-                self.steps_run += 1
-            if cancel.is_set():
-                raise _Stop
-            preview = _preview_png(tensors["latents"]) if job.previews else b""
-            events.put(StepDone(i + 1, pipeline.num_timesteps, preview))
-            return {}
-
-        def run() -> None:
-            try:
-                generators = [torch.Generator("cpu").manual_seed(s) for s in job.seeds]
-                out = pipe(**job.kwargs, generator=generators, callback_on_step_end=on_step,
-                           output_type="pil")
-                events.put(out.images)
-            except _Stop:
-                events.put(None)
-            except BaseException as exc:  # surfaced to the caller below
-                events.put(exc)
-
-        worker = threading.Thread(target=run, name="diffusion", daemon=True)
-        worker.start()
+        without images, once `cancel` is set. Runs in the next batch of its shape."""
+        work = _Work(job, cancel)
+        with self._wakeup:
+            self._pending.append(work)
+            self._wakeup.notify()
         try:
-            while isinstance(event := events.get(), StepDone):
+            while True:
+                try:
+                    event = work.events.get(timeout=_CANCEL_POLL_S)
+                except queue.Empty:
+                    if cancel.is_set():
+                        return
+                    continue
+                if not isinstance(event, StepDone):
+                    break
                 yield event
             if isinstance(event, BaseException):
                 raise event
@@ -288,10 +292,109 @@ class ImageEngine:
                 return
             for index, (image, seed) in enumerate(zip(event, job.seeds, strict=True)):
                 yield FinishedImage(_png(image), image.width, image.height, seed, index)
-            yield Done(images=len(event), steps=steps)
+            yield Done(images=len(event), steps=work.steps)
         finally:
-            cancel.set()  # also when the consumer stops early: end the denoising loop
-            worker.join()
+            cancel.set()  # also when the consumer stops early: leave the batch
+            with self._wakeup:
+                if work in self._pending:  # never started
+                    self._pending.remove(work)
+                    work.released.set()
+            work.released.wait()  # the runner took it out of the pipeline
+
+    def _run_batches(self) -> None:
+        """The runner thread: one pipeline call at a time, for every waiting request of the
+        first one's shape (up to `max_batch` images), after a short join window."""
+        while True:
+            batch = self._next_batch()
+            try:
+                self._run(batch)
+            except BaseException as exc:  # noqa: BLE001 - each caller gets it
+                for work in batch:
+                    work.finish(exc)
+
+    def _next_batch(self) -> list[_Work]:
+        with self._wakeup:
+            while not self._pending:
+                self._wakeup.wait()
+            first = self._pending[0]
+            join_until = first.arrived + self.batch_wait_s
+            while (remaining := join_until - time.monotonic()) > 0 and (
+                    self._images_like(first) < self.max_batch):
+                self._wakeup.wait(remaining)
+            batch, images = [], 0
+            for work in list(self._pending):
+                size = len(work.job.seeds)
+                if work.job.shape == first.job.shape and (not batch or images + size <= self.max_batch):
+                    self._pending.remove(work)
+                    batch.append(work)
+                    images += size
+            return batch
+
+    def _images_like(self, first: _Work) -> int:
+        return sum(len(w.job.seeds) for w in self._pending if w.job.shape == first.job.shape)
+
+    def _run(self, batch: list[_Work]) -> None:
+        first = batch[0].job
+        pipe = self.img2img if first.image_to_image else self.text2img
+        rows = [(work, seed) for work in batch for seed in work.job.seeds]  # one per image
+        kwargs = {k: v for k, v in first.kwargs.items()
+                  if k not in ("prompt", "negative_prompt", "image", "num_images_per_prompt")}
+        kwargs["prompt"] = [work.job.kwargs["prompt"] for work, _ in rows]
+        negatives = [work.job.kwargs["negative_prompt"] for work, _ in rows]
+        if any(negatives):  # the pipeline's own default for none is the empty prompt
+            kwargs["negative_prompt"] = [n or "" for n in negatives]
+        if first.image_to_image:
+            kwargs["image"] = [work.job.kwargs["image"] for work, _ in rows]
+        first_row = {id(work): next(i for i, (w, _) in enumerate(rows) if w is work) for work in batch}
+        self.batch_sizes[len(rows)] += 1
+
+        def on_step(pipeline: DiffusionPipeline, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            with self._count_lock:
+                self.steps_run += 1
+            live = [work for work in batch if not work.released.is_set()]
+            for work in live:
+                if work.cancel.is_set():
+                    work.finish(None)  # leaves; the batch goes on for the others
+            live = [work for work in live if not work.released.is_set()]
+            if not live:
+                raise _Stop
+            for work in live:
+                work.steps += 1
+                preview = b""
+                if work.job.previews:
+                    row = first_row[id(work)]
+                    preview = _preview_png(tensors["latents"][row:row + 1])
+                work.events.put(StepDone(i + 1, pipeline.num_timesteps, preview))
+            return {}
+
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in rows]
+        try:
+            out = pipe(**kwargs, num_images_per_prompt=1, generator=generators,
+                       callback_on_step_end=on_step, output_type="pil")
+        except _Stop:
+            return
+        for work in batch:
+            if not work.released.is_set():
+                row = first_row[id(work)]
+                work.finish(out.images[row:row + len(work.job.seeds)])
+
+
+@dataclass(eq=False)
+class _Work:
+    """A request in the engine: waiting for its batch, then in the pipeline."""
+
+    job: Job
+    cancel: threading.Event
+    arrived: float = field(default_factory=time.monotonic)
+    events: queue.Queue[StepDone | list[Image.Image] | BaseException | None] = field(
+        default_factory=queue.Queue)
+    released: threading.Event = field(default_factory=threading.Event)  # out of the pipeline
+    steps: int = 0
+
+    def finish(self, outcome: list[Image.Image] | BaseException | None) -> None:
+        """Images, an error, or None (stopped early); then it no longer takes part."""
+        self.events.put(outcome)
+        self.released.set()
 
 
 def _png(image: Image.Image) -> bytes:
