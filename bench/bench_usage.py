@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import math
 import random
 import statistics
 import sys
@@ -34,6 +35,9 @@ from aimesh_servers.tenancy import usage_queries as queries
 from aimesh_servers.tenancy.recorder import UsageRecorder, UsageRow, rollup
 
 TENANTS = [f"tenant-{i:02d}" for i in range(20)]
+# Zipf shares, as real tenants are: the biggest makes ~28% of the calls, the tenth ~3%.
+TENANT_WEIGHTS = list(itertools.accumulate(1 / (rank + 1) for rank in range(len(TENANTS))))
+MEASURED = {"biggest tenant": TENANTS[0], "10th tenant": TENANTS[9]}
 CAPABILITIES = [("text", "tokens", ("chat", "chat-small")), ("embedding", "items", ("minilm",)),
                 ("image", "image_steps", ("tiny-sd",)), ("stt", "audio_seconds", ("whisper-base",))]
 STATUSES = ["OK"] * 95 + ["UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED", "INTERNAL", "UNAUTHENTICATED"]
@@ -51,7 +55,7 @@ def make_rows(count: int, seed: int = 0) -> Iterator[dict[str, Any]]:
         model = models[rng.randrange(len(models))]
         duration = rng.lognormvariate(4.0, 1.0)
         yield {
-            "request_id": f"req-{i}", "time": START + step * i, "tenant": TENANTS[rng.randrange(len(TENANTS))],
+            "request_id": f"req-{i}", "time": START + step * i, "tenant": rng.choices(TENANTS, cum_weights=TENANT_WEIGHTS)[0],
             "capability": capability, "service": f"aimesh.{capability}.v1.Service", "method": "Generate",
             "request_type": "unary", "requested_model": model, "served_model": model, "served_version": "1",
             "pool": "primary" if rng.random() < 0.9 else "secondary", "unit": unit,
@@ -100,27 +104,42 @@ def store_figures(name: str, url: str, rows: int, repeats: int) -> dict[str, Any
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
                 connection.exec_driver_sql("VACUUM ANALYZE usage_records")
 
-        def summary() -> list[queries.SummaryLine]:
-            return queries.summarize(engine, START, END, tenant=TENANTS[3], group_by="model", granularity="day")
-
-        raw_s, raw_lines = timed(summary, repeats)
+        raw = {label: timed(lambda t=tenant: summary(engine, t), repeats) for label, tenant in MEASURED.items()}
         rollup_started = time.perf_counter()
         rolled = rollup(engine, END)
         rollup_s = time.perf_counter() - rollup_started
-        hourly_s, hourly_lines = timed(summary, repeats)
+        hourly = {label: timed(lambda t=tenant: summary(engine, t), repeats) for label, tenant in MEASURED.items()}
         with engine.connect() as connection:
             hourly_rows = connection.scalar(sa.select(sa.func.count()).select_from(db.usage_hourly))
-        agree = totals(raw_lines) == totals(hourly_lines) and [
-            (line.bucket_start, line.served_model, line.latency_hist) for line in raw_lines] == [
-            (line.bucket_start, line.served_model, line.latency_hist) for line in hourly_lines]
-        return {
-            "records": rows, "insert_rows_per_s": insert_rate, "summary_raw_ms": raw_s * 1000,
-            "rollup_s": rollup_s, "rolled_up": rolled, "hourly_rows": hourly_rows,
-            "summary_rolled_up_ms": hourly_s * 1000, "speedup": raw_s / hourly_s, "results_agree": agree,
-            "summary_calls": totals(raw_lines)[0],
-        }
+        figures: dict[str, Any] = {"records": rows, "insert_rows_per_s": insert_rate, "rollup_s": rollup_s,
+                                   "rolled_up": rolled, "hourly_rows": hourly_rows, "tenants": {}}
+        for label in MEASURED:
+            (raw_s, raw_lines), (hourly_s, hourly_lines) = raw[label], hourly[label]
+            figures["tenants"][label] = {
+                "calls": totals(raw_lines)[0], "summary_raw_ms": raw_s * 1000,
+                "summary_rolled_up_ms": hourly_s * 1000, "speedup": raw_s / hourly_s,
+                "results_agree": agree(raw_lines, hourly_lines),
+            }
+        return figures
     finally:
         engine.dispose()
+
+
+def summary(engine: sa.Engine, tenant: str) -> list[queries.SummaryLine]:
+    """The measured query: one tenant's month, by model, per day."""
+    return queries.summarize(engine, START, END, tenant=tenant, group_by="model", granularity="day")
+
+
+def agree(first: list[queries.SummaryLine], second: list[queries.SummaryLine]) -> bool:
+    """Same lines, counts and histograms; sums equal but for float rounding."""
+    def exact(line: queries.SummaryLine) -> tuple[Any, ...]:
+        return (line.bucket_start, line.served_model, line.unit, line.calls, line.failed_calls, line.fallbacks,
+                line.latency_hist)
+
+    return len(first) == len(second) and all(
+        exact(a) == exact(b) and all(math.isclose(getattr(a, name), getattr(b, name), rel_tol=1e-9)
+                                     for name in ("input_units", "output_units", "cost_usd", "duration_ms_sum"))
+        for a, b in zip(first, second, strict=True))
 
 
 def recorder_figures(rows: int) -> dict[str, Any]:
@@ -198,25 +217,27 @@ def main() -> None:
     print(f"[recorder] {submits:,} submits...", flush=True)
     results["recorder"] = recorder_figures(submits)
 
-    print(f"\nmonth summary of one tenant (of {len(TENANTS)}), by model per day, over {rows:,} records")
-    print(f"{'store':<12}{'insert rows/s':>15}{'raw ms':>10}{'rollup s':>10}{'hourly rows':>13}"
-          f"{'rolled-up ms':>14}{'speedup':>9}{'agree':>7}")
+    print(f"\nmonth summary of one tenant (of {len(TENANTS)}, Zipf shares), by model per day, over {rows:,} records")
     for name in ("sqlite", "postgresql"):
         if name in results:
             r = results[name]
-            print(f"{name:<12}{r['insert_rows_per_s']:>15,.0f}{r['summary_raw_ms']:>10.1f}{r['rollup_s']:>10.1f}"
-                  f"{r['hourly_rows']:>13,}{r['summary_rolled_up_ms']:>14.1f}{r['speedup']:>8.1f}x"
-                  f"{'yes' if r['results_agree'] else 'NO':>7}")
+            print(f"{name}: bulk insert {r['insert_rows_per_s']:,.0f} rows/s; rollup {r['rollup_s']:.1f} s "
+                  f"-> {r['hourly_rows']:,} hourly rows")
+            print(f"  {'tenant':<16}{'calls':>9}{'raw ms':>10}{'rolled-up ms':>14}{'speedup':>9}{'agree':>7}")
+            for label, t in r["tenants"].items():
+                print(f"  {label:<16}{t['calls']:>9,}{t['summary_raw_ms']:>10.1f}{t['summary_rolled_up_ms']:>14.1f}"
+                      f"{t['speedup']:>8.1f}x{'yes' if t['results_agree'] else 'NO':>7}")
     r = results["recorder"]
     print(f"\nrecorder (SQLite): submit() {r['submit_us_per_call']:.2f} us/call vs synchronous insert "
           f"{r['direct_insert_us_per_call']:.0f} us/call ({r['submit_vs_direct']:.0f}x less on the caller's "
           f"thread); sustained {r['sustained_rows_per_s']:,.0f} rows/s; dropped {r['dropped']}")
 
     goals = [
-        common.Goal(f"{name}: month summary after rollup vs raw", results[name]["speedup"], ">= 10x",
-                    results[name]["speedup"] >= 10 and results[name]["results_agree"],
-                    f"{results[name]['summary_rolled_up_ms']:.1f} ms vs {results[name]['summary_raw_ms']:.0f} ms")
+        common.Goal(f"{name}: biggest tenant's month summary, raw / rolled up", t["speedup"], ">= 5x",
+                    t["speedup"] >= 5 and t["results_agree"],
+                    f"{t['summary_rolled_up_ms']:.1f} ms vs {t['summary_raw_ms']:.0f} ms")
         for name in ("sqlite", "postgresql") if name in results
+        for t in [results[name]["tenants"]["biggest tenant"]]
     ]
     goals.append(common.Goal("recorder submit() on the caller's thread", r["submit_us_per_call"], "<= 20 us",
                              r["submit_us_per_call"] <= 20 and r["dropped"] == 0))
