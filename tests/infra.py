@@ -47,6 +47,13 @@ def wait_until(check, what: str, proc: subprocess.Popen, log: Path, timeout: flo
     raise TimeoutError(f"{what} not ready in {timeout}s:\n{log.read_text(errors='replace')}")
 
 
+def with_parent_death_signal(signal_name: str, command: list[str]) -> list[str]:
+    """`command` run so that it gets `signal_name` when the test process dies, even by
+    SIGKILL (util-linux setpriv), so a killed test run leaves no server behind."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", signal_name, "--", *command] if setpriv else command
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -70,8 +77,8 @@ def redis_server() -> Iterator[str]:
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
+            with_parent_death_signal("TERM", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                              "--appendonly", "no", "--dir", str(workdir)]),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     url = f"redis://127.0.0.1:{port}/0"
@@ -124,11 +131,13 @@ class PostgresServer:
         with self.log.open("wb") as out:
             if self.as_user:
                 os.chown(self.log, pwd.getpwnam("postgres").pw_uid, -1)
+            # SIGINT is PostgreSQL's fast shutdown: it does not wait for clients to leave.
+            postgres = with_parent_death_signal("INT", [
+                str(self.bindir / "postgres"), "-D", str(self.data), "-h", "127.0.0.1", "-p", str(self.port),
+                "-k", str(self.workdir), "-c", "fsync=off", "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off", "-c", "max_connections=200"])
             self.proc = subprocess.Popen(
-                [*self.as_user, str(self.bindir / "postgres"), "-D", str(self.data),
-                 "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.workdir),
-                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                 "-c", "max_connections=200"],
+                with_parent_death_signal("TERM", [*self.as_user, *postgres]) if self.as_user else postgres,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         wait_until(self._accepts, "postgres", self.proc, self.log)
@@ -147,7 +156,12 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        if self.proc is not None:
+        if self.proc is not None and self.proc.poll() is None:
+            subprocess.run(
+                [*self.as_user, str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "fast",
+                 "-t", str(int(STOP_TIMEOUT_S))],
+                capture_output=True, timeout=STOP_TIMEOUT_S + 5, check=False,
+            )
             stop(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
