@@ -13,7 +13,7 @@ batch interval, plus the batch being written (at most ``batch_size`` rows when t
 database keeps up). tests/unit/test_usage_store.py kills a real writer to check it.
 
 Rollup: a second thread calls ``rollup(now - raw_retention)`` every
-``rollup_interval_s``: raw records older than the horizon become ``usage_hourly`` rows
+``rollup_interval_s`` (5 minutes; raw records are kept 7 days by default): raw records older than the horizon become ``usage_hourly`` rows
 (summed and merged into any row already there for the hour) and are deleted, in one
 transaction, so queries over long windows read hours instead of calls.
 """
@@ -89,6 +89,9 @@ _STOP = object()
 
 
 class UsageRecorder:
+    """Writes submitted UsageRows in batches on its own thread; rolls old ones up into
+    hours on another (``rollup_interval_s=None``: no periodic rollup)."""
+
     def __init__(
         self,
         engine: Engine,
