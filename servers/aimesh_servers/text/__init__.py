@@ -11,5 +11,7 @@ DEFAULT_MODEL = ServedModel(id="smollm2-135m", source="builtin:smollm2-135m-inst
 def build(model: ServedModel, settings: ServerSettings):
     from .engine import TextEngine
     from .servicer import TextGenerationServicer
+    from .settings import TextSettings
 
-    return TextGenerationServicer(model, TextEngine(model.source, threads=settings.torch_threads), settings.pool)
+    engine = TextEngine(model.source, threads=settings.torch_threads, settings=TextSettings())
+    return TextGenerationServicer(model, engine, settings.pool)

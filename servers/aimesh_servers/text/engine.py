@@ -1,21 +1,23 @@
 """Text generation on transformers, with no gRPC in sight.
 
-`TextEngine.stream` is a blocking generator of text pieces as the model produces
-tokens. It runs `model.generate` in a worker thread with a streamer that hands token
-ids over a queue, and a stopping criterion that checks a cancel event after every
-token: setting the event (the caller went away) stops the forward passes themselves.
+Every call is one sequence of the engine's `BatchScheduler` (scheduler.py), which
+decodes all of them together, step by step. `TextEngine.astream` (async, for the
+servicer) and `TextEngine.stream` (blocking, with the `threading.Event` cancel contract
+of `runtime.streams.iterate_in_thread`) turn a sequence's token ids into text pieces,
+applying stop sequences; leaving either early cancels the sequence, and the scheduler
+drops it before its next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..models import builtin
 from ..runtime.errors import OutOfRange
@@ -26,31 +28,61 @@ from .request import (
     longest_stop_prefix,
     validate_request,
 )
+from .scheduler import BatchScheduler, Finished, Sampling, Sequence
+from .settings import TextSettings
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-class _TokenQueue(BaseStreamer):
-    """Receives token ids from `generate` (the prompt first, then one step at a time)."""
+class TextAssembler:
+    """Token ids of one sequence in, text pieces out: incremental detokenization (only
+    the last few tokens are decoded again), stop sequences (text held back while it could
+    still grow into one), usage counts on every piece."""
 
-    def __init__(self) -> None:
-        self.queue: queue.Queue[list[int] | None] = queue.Queue()
-        self._prompt_seen = False
+    def __init__(self, tokenizer: object, stops: tuple[str, ...], prompt_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_tokens = prompt_tokens
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of `text` already handed out
+        self._prefix = 0  # tokens[_prefix:_read] decode to the end of `text`
+        self._read = 0
+        self.done = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
+    def _chunk(self, text: str, finish: str | None = None, extra: int = 0) -> GenerationChunk:
+        return GenerationChunk(text, finish, self.prompt_tokens, len(self.tokens) + extra)
 
-    def end(self) -> None:
-        self.queue.put(None)
+    def _decode_new(self, final: bool = False) -> None:
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        # A trailing U+FFFD is half a multi-byte character: wait for the rest.
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
 
+    def push(self, token: int) -> GenerationChunk | None:
+        """The piece a new token adds, if any; the last one when a stop sequence is hit."""
+        self.tokens.append(token)
+        self._decode_new()
+        longest = max((len(s) for s in self.stops), default=0)
+        hits = [i for s in self.stops if (i := self.text.find(s, max(0, self.sent - longest))) >= 0]
+        if hits:
+            self.done = True
+            return self._chunk(self.text[self.sent:min(hits)], "stop_sequence")
+        safe = len(self.text) - longest_stop_prefix(self.text, self.stops)
+        if safe > self.sent:
+            piece, self.sent = self.text[self.sent:safe], safe
+            return self._chunk(piece)
+        return None
 
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+    def finish(self, reason: str) -> GenerationChunk:
+        """The last piece: the held-back tail, the finish reason and the counts (an
+        end-of-sequence token counts as a completion token, as transformers counts it)."""
+        self.done = True
+        self._decode_new(final=True)
+        return self._chunk(self.text[self.sent:], reason, extra=reason == "stop")
 
 
 @dataclass
@@ -58,106 +90,90 @@ class TextEngine:
     source: str
     limits: EngineLimits = field(default_factory=EngineLimits)
     threads: int = 2
-    # Tokens generated over the engine's life: observable proof that work stops on cancel.
-    tokens_generated: int = 0
+    settings: TextSettings = field(default_factory=TextSettings)
+
+    @property
+    def capacity(self) -> int:
+        """Sequences that decode together; calls beyond it wait for a free slot."""
+        return self.settings.max_batch
+
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens decided over the engine's life: observable proof that work stops on cancel."""
+        return self.scheduler.tokens_generated
 
     def load(self) -> None:
         torch.set_num_threads(self.threads)
         path = builtin.resolve(self.source)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[self.settings.dtype])
         self.model.eval()
         eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        self._count_lock = threading.Lock()
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.scheduler = BatchScheduler(
+            self.model, frozenset(eos_ids), capacity=self.capacity,
+            prefill_chunk=self.settings.prefill_chunk,
+        )
+        self.scheduler.start()
+
+    def close(self) -> None:
+        self.scheduler.stop()
 
     def validate(self, request: GenerationRequest) -> None:
         validate_request(request, self.limits)
 
-    def _prompt_ids(self, request: GenerationRequest) -> torch.Tensor:
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         messages = [{"role": role, "content": content} for role, content in request.messages]
         ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            messages, add_generation_prompt=True, return_dict=True
         )["input_ids"]
-        if ids.shape[-1] > self.limits.max_prompt_tokens:
+        if len(ids) > self.limits.max_prompt_tokens:
             raise OutOfRange(
-                f"the prompt is {ids.shape[-1]} tokens; the limit is {self.limits.max_prompt_tokens}",
+                f"the prompt is {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}",
                 field="messages",
             )
-        return ids
+        return list(ids)
+
+    def _start(self, request: GenerationRequest, cancel: threading.Event,
+               emit: object) -> TextAssembler:
+        self.validate(request)
+        prompt = self._prompt_ids(request)
+        self.scheduler.submit(Sequence(
+            prompt, request.max_tokens,
+            Sampling(request.temperature, request.top_p, request.seed), cancel, emit,
+        ))
+        return TextAssembler(self.tokenizer, request.stop, len(prompt))
+
+    @staticmethod
+    def _pieces(assembler: TextAssembler, event: int | Finished) -> Iterator[GenerationChunk]:
+        if isinstance(event, Finished):
+            if event.error is not None:
+                raise event.error
+            yield assembler.finish(event.reason)
+        elif (piece := assembler.push(event)) is not None:
+            yield piece
 
     def stream(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[GenerationChunk]:
-        """Yields text as it is decided; the last chunk has finish_reason and counts."""
-        self.validate(request)
-        prompt_ids = self._prompt_ids(request)
-        streamer = _TokenQueue()
-        kwargs: dict[str, object] = dict(
-            input_ids=prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=request.max_tokens,
-            streamer=streamer,
-            stopping_criteria=[_Cancelled(cancel)],
-            pad_token_id=self.tokenizer.eos_token_id,
-        )
-        if request.temperature > 0:
-            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    if request.seed is not None:
-                        torch.manual_seed(request.seed)
-                    self.model.generate(**kwargs)
-            except BaseException as exc:  # surfaced to the caller below
-                failure.append(exc)
-                streamer.end()
-
-        worker = threading.Thread(target=run, name="generate", daemon=True)
-        worker.start()
+        """Blocking: yields text as it is decided; the last chunk has finish_reason and counts.
+        Setting `cancel` (or leaving the generator) drops the sequence from the batch."""
+        events: queue.Queue[int | Finished] = queue.Queue()
+        assembler = self._start(request, cancel, events.put)
         try:
-            yield from self._decode(streamer, request, prompt_ids.shape[-1], cancel)
+            while not assembler.done:
+                yield from self._pieces(assembler, events.get())
         finally:
-            cancel.set()  # also when the consumer stops early: end the forward passes
-            worker.join()
-        if failure and not isinstance(failure[0], GeneratorExit):
-            raise failure[0]
+            cancel.set()
 
-    def _decode(
-        self, streamer: _TokenQueue, request: GenerationRequest, prompt_tokens: int,
-        cancel: threading.Event,
-    ) -> Iterator[GenerationChunk]:
-        tokens: list[int] = []
-        sent = 0  # characters of the decoded text already yielded
-        finish = "length"
-        while (step := streamer.queue.get()) is not None:
-            with self._count_lock:
-                self.tokens_generated += len(step)
-            if step[-1] in self.eos_ids:
-                finish = "stop"
-                break
-            tokens.extend(step)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
-                continue
-            hit = min((i for s in request.stop if (i := text.find(s, max(0, sent - len(s)))) >= 0),
-                      default=-1)
-            if hit >= 0:
-                finish = "stop_sequence"
-                if hit > sent:
-                    yield GenerationChunk(text[sent:hit])
-                break
-            # Hold back a tail that could still grow into a stop sequence.
-            safe = len(text) - longest_stop_prefix(text, request.stop)
-            if safe > sent:
-                yield GenerationChunk(text[sent:safe])
-                sent = safe
-        cancel.set()
-        if finish != "stop_sequence":  # flush the held-back tail
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if len(text) > sent:
-                yield GenerationChunk(text[sent:])
-        yield GenerationChunk("", finish, prompt_tokens, len(tokens) + (finish == "stop"))
-
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """The same as `stream`, on the event loop: no thread per call."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[int | Finished] = asyncio.Queue()
+        cancel = threading.Event()
+        assembler = self._start(
+            request, cancel, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            while not assembler.done:
+                for piece in self._pieces(assembler, await events.get()):
+                    yield piece
+        finally:
+            cancel.set()

@@ -1,13 +1,20 @@
-"""TextGenerationService: converts requests, calls TextEngine, streams the answer back."""
+"""TextGenerationService: converts requests, calls TextEngine, streams the answer back.
+
+The engine's async stream needs no thread per call (the engine's scheduler thread
+decodes every call's sequence); each piece updates the call's usage account, so a call
+cut short still reports the tokens it produced.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from aimesh.text.v1 import text_generation_pb2 as pb
 from aimesh.text.v1 import text_generation_pb2_grpc as pb_grpc
 
+from ..runtime import accounting
 from ..runtime.service import (
     EngineServicer,
     requested_model,
@@ -15,7 +22,6 @@ from ..runtime.service import (
     send_served_by,
     served_by,
 )
-from ..runtime.streams import iterate_in_thread
 from .contract import generate_response, generation_request, stream_response
 from .engine import GenerationChunk, GenerationRequest, TextEngine
 
@@ -37,7 +43,16 @@ class TextGenerationServicer(EngineServicer, pb_grpc.TextGenerationServiceServic
         self.engine.validate(request)  # fail before any header is sent
         served = served_by(model, self.pool, asked)
         await send_served_by(context, served)
-        return served, iterate_in_thread(lambda cancel: self.engine.stream(request, cancel))
+        return served, self._counted(self.engine.astream(request))
+
+    @staticmethod
+    async def _counted(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+        account = accounting.current()
+        async with aclosing(chunks):  # leaving early cancels the sequence at once
+            async for chunk in chunks:
+                if account is not None:
+                    account.set_units("tokens", chunk.prompt_tokens, chunk.completion_tokens)
+                yield chunk
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         served, chunks = await self._chunks(request, context)
