@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import aimesh
 import grpc
 import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import aimesh
 from tests.conftest import VENV_BIN
 from tests.infra import redis_server
 from tests.mesh.conftest import Mesh
@@ -49,8 +49,13 @@ def away_from_window_edge(window_s: int, margin_s: float = 120.0) -> None:
     poll(lambda: window_s - time.time() % window_s > margin_s, "the next window", margin_s + 10, 1.0)
 
 
+CONTROL_PLANE = ("usage", "admin", "registry")  # recorded too, but not model calls
+
+
 def records(admin: aimesh.Client, tenant: str) -> list:
-    return list(admin.usage.iter_records(tenant=tenant, timeout=10))
+    """The tenant's model calls, as recorded."""
+    return [r for r in admin.usage.iter_records(tenant=tenant, timeout=10)
+            if r.capability not in CONTROL_PLANE]
 
 
 def wait_records(admin: aimesh.Client, tenant: str, count: int, timeout: float = 60.0) -> list:
@@ -58,9 +63,22 @@ def wait_records(admin: aimesh.Client, tenant: str, count: int, timeout: float =
                 f"{count} usage records of {tenant}", timeout)
 
 
-def new_tenant(admin: aimesh.Client, tenant: str, scopes: tuple[str, ...] = (), **create) -> str:
+def new_tenant(admin: aimesh.Client, front: str, tenant: str, scopes: tuple[str, ...] = (),
+               **create) -> str:
+    """A tenant and a token the front door already knows (no model call spent on it)."""
     admin.tenants.create(tenant, **create)
-    return admin.tenants.issue_token(tenant, scopes).token
+    token = admin.tenants.issue_token(tenant, scopes).token
+    with aimesh.Client(front, token=token, timeout=30, max_attempts=1) as client:
+        poll(lambda: _known(client), f"the front door to know {tenant}", 15)
+    return token
+
+
+def _known(client: aimesh.Client) -> bool:
+    try:
+        client.usage.summary()
+    except aimesh.PermissionDeniedError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +122,7 @@ def test_quick_start_token_works_through_sdk_grpcurl_and_curl(mesh: Mesh) -> Non
 
 
 def test_refused_tokens_are_served_nothing_and_recorded(mesh: Mesh, admin: aimesh.Client) -> None:
-    good = new_tenant(admin, "refusals")
+    good = new_tenant(admin, mesh.front, "refusals")
     text_only = admin.tenants.issue_token("refusals", ["text"])
     revoked = admin.tenants.issue_token("refusals", ["embedding"])
     admin.tenants.revoke_token(revoked.info.id)
@@ -112,8 +130,10 @@ def test_refused_tokens_are_served_nothing_and_recorded(mesh: Mesh, admin: aimes
                            "jti": "x", "exp": int(time.time()) + 600},
                           ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
                           headers={"kid": revoked.info.key_id})
+    before_revocation_applied: list[bool] = []  # served while the revocation propagated
     with aimesh.Client(mesh.front, token=revoked.token, timeout=30) as client:
-        poll(lambda: _refused(client, aimesh.UnauthenticatedError), "revocation to reach Envoy", 10)
+        poll(lambda: _refused(client, aimesh.UnauthenticatedError, before_revocation_applied),
+             "revocation to reach Envoy", 10)
     for token, error in ((text_only.token, aimesh.PermissionDeniedError),
                          (stranger, aimesh.UnauthenticatedError)):
         with aimesh.Client(mesh.front, token=token, timeout=30) as client:
@@ -130,26 +150,30 @@ def test_refused_tokens_are_served_nothing_and_recorded(mesh: Mesh, admin: aimes
                       ("x-aimesh-scopes", "admin")])
     finally:
         channel.close()
-    rows = wait_records(admin, "refusals", 4)
+    # The stranger's token proves no tenant (its claims are not trusted): its refusal is
+    # recorded without one. The revoked and out-of-scope tokens' refusals are the tenant's.
+    rows = wait_records(admin, "refusals", 3 + len(before_revocation_applied))
     assert not records(admin, "someone-else")
     served = [r for r in rows if r.status == "OK"]
-    assert len(served) == 1 and served[0].origin == "server" and served[0].input_units > 0
+    assert len(served) == 1 + len(before_revocation_applied)
+    assert all(r.origin == "server" and r.input_units > 0 for r in served)
     refused = [r for r in rows if r.status != "OK"]
     assert {r.status for r in refused} >= {"UNAUTHENTICATED", "PERMISSION_DENIED"}
     assert all(r.origin == "edge" and r.input_units == 0 and r.served_model == "" for r in refused)
 
 
-def _refused(client: aimesh.Client, error: type[Exception]) -> bool:
+def _refused(client: aimesh.Client, error: type[Exception], served: list[bool]) -> bool:
     try:
         client.embedding.embed(EMBED, ["probe"])
     except error:
         return True
+    served.append(True)
     return False
 
 
 def test_a_tenant_at_its_limit_never_slows_another(mesh: Mesh, admin: aimesh.Client) -> None:
-    limited = new_tenant(admin, "limited")
-    free = new_tenant(admin, "unlimited-neighbour")
+    limited = new_tenant(admin, mesh.front, "limited")
+    free = new_tenant(admin, mesh.front, "unlimited-neighbour")
     away_from_window_edge(3600)
     admin.tenants.set_limit("limited", "embedding", "requests", 3, 3600)
     poll(lambda: _at_limit(mesh, limited), "the request limit to apply", 15)
@@ -190,7 +214,7 @@ def _at_limit(mesh: Mesh, token: str) -> bool:
 
 
 def test_token_limit_stops_a_tenant_once_reached_and_only_then(mesh: Mesh, admin: aimesh.Client) -> None:
-    token = new_tenant(admin, "tokens")
+    token = new_tenant(admin, mesh.front, "tokens")
     limit = 200  # prompt + completion tokens per hour
     away_from_window_edge(3600)
     admin.tenants.set_limit("tokens", "text", "units", limit, 3600)
@@ -212,7 +236,7 @@ def test_token_limit_stops_a_tenant_once_reached_and_only_then(mesh: Mesh, admin
 
 
 def test_budget_stops_calls_once_spent(mesh: Mesh, admin: aimesh.Client) -> None:
-    token = new_tenant(admin, "budget")
+    token = new_tenant(admin, mesh.front, "budget")
     with aimesh.Client(mesh.front, token=token, timeout=60, max_attempts=1) as client:
         client.text.generate(TEXT, HI, max_tokens=4)  # price one call
         first = wait_records(admin, "budget", 1)[0]
@@ -232,7 +256,7 @@ def test_budget_stops_calls_once_spent(mesh: Mesh, admin: aimesh.Client) -> None
 
 
 def test_usage_sums_equal_the_calls_made(mesh: Mesh, admin: aimesh.Client) -> None:
-    token = new_tenant(admin, "metered")
+    token = new_tenant(admin, mesh.front, "metered")
     tokens_in = tokens_out = embed_tokens = 0.0
     with aimesh.Client(mesh.front, token=token, timeout=60) as client:
         for _ in range(3):
@@ -328,7 +352,7 @@ def two_doors(tmp_path_factory: pytest.TempPathFactory, shared_redis: str,
 def test_limits_hold_across_two_front_doors_and_two_replicas(two_doors: tuple[Mesh, Mesh]) -> None:
     one, two = two_doors
     with aimesh.Client(one.front, token=one.admin_token, timeout=30) as admin:
-        token = new_tenant(admin, "shared")
+        token = new_tenant(admin, one.front, "shared")
         away_from_window_edge(3600)
         admin.tenants.set_limit("shared", "embedding", "requests", 4, 3600)
         # Both front doors take the tenant's token (one database, one set of keys).
@@ -360,7 +384,7 @@ def _served_or_limited(client: aimesh.Client) -> str | None:
 def test_units_spent_at_one_door_block_the_other(two_doors: tuple[Mesh, Mesh]) -> None:
     one, two = two_doors
     with aimesh.Client(one.front, token=one.admin_token, timeout=30) as admin:
-        token = new_tenant(admin, "units-shared")
+        token = new_tenant(admin, one.front, "units-shared")
         away_from_window_edge(3600)
         admin.tenants.set_limit("units-shared", "embedding", "units", 20, 3600)
     with aimesh.Client(one.front, token=token, timeout=30, max_attempts=1) as client:
@@ -376,7 +400,7 @@ def test_redis_down_fails_open_to_local_counters(two_doors: tuple[Mesh, Mesh], s
 
     one, _ = two_doors
     with aimesh.Client(one.front, token=one.admin_token, timeout=30) as admin:
-        token = new_tenant(admin, "redis-down")
+        token = new_tenant(admin, one.front, "redis-down")
     with contextlib.suppress(redis.ConnectionError):
         redis.Redis.from_url(shared_redis, socket_timeout=5).shutdown(nosave=True)
     with aimesh.Client(one.front, token=token, timeout=30, max_attempts=1) as client:

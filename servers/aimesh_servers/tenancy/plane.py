@@ -98,7 +98,7 @@ class TenancyPlane:
         self.collector = UsageCollector(registry, self.recorder.submit, self.quota.charge)
         self.tail = AccessLogTail(spec.state_dir / "access.log", self.collector.feed_edge)
         self.capabilities = [
-            TenantCapability(self.store, on_change=self.quota.wake),
+            TenantCapability(self.store, on_change=self._changed),
             UsageCapability(self.engine, self.store.monthly_budget),
             IngestCapability(self.collector),
         ]
@@ -124,6 +124,11 @@ class TenancyPlane:
                 self._jwks_written = jwks
         return Snapshot(tenants={t.id: _policy(t) for t in self.store.list_tenants()},
                         revoked=tuple(self.store.revoked_unexpired()), version=version)
+
+    async def _changed(self) -> None:
+        """After an admin change: publish before answering, so the admin's next call (a
+        new tenant's first, a revoked token's last) meets the front door already changed."""
+        await asyncio.to_thread(self.quota.refresh)
 
     def _publish(self, admission: dict) -> None:
         write_routes(self.spec, admission)
