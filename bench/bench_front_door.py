@@ -124,7 +124,7 @@ def admission(tenants: int) -> dict:
 
 @contextmanager
 def front_door(state: Path, upstream_port: int, tenancy: bool, key: ec.EllipticCurvePrivateKey,
-               tenants: int) -> Iterator[str]:
+               tenants: int) -> Iterator[tuple[str, int]]:
     state.mkdir(parents=True)
     (state / "registry.yaml").write_text(REGISTRY)
     spec = MeshSpec(registry=load_registry(state / "registry.yaml"), state_dir=state,
@@ -141,7 +141,7 @@ def front_door(state: Path, upstream_port: int, tenancy: bool, key: ec.EllipticC
     proc = envoy_process.start(config, state / "envoy.log")
     try:
         envoy_process.wait_ready(spec.admin_port, proc)
-        yield f"127.0.0.1:{spec.port}"
+        yield f"127.0.0.1:{spec.port}", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -154,8 +154,19 @@ def token(key: ec.EllipticCurvePrivateKey) -> str:
                       key, algorithm="ES256", headers={"kid": "bench"})
 
 
-async def run(target: str, bearer: str | None, callers: int, calls: int) -> tuple[float, float]:
-    """(p50 ms, calls/s) of `calls` Embed calls shared by `callers` concurrent callers."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (0 for none)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def run(target: str, bearer: str | None, callers: int, calls: int,
+              envoy_pid: int | None = None) -> tuple[float, float, float]:
+    """(p50 ms, calls/s, Envoy CPU ms per call) of `calls` Embed calls shared by `callers`
+    concurrent callers. Envoy's CPU per call is the figure least disturbed by whatever else
+    runs on the machine."""
     metadata = [("x-aimesh-model", MODEL)] + ([("authorization", f"Bearer {bearer}")] if bearer else [])
     async with grpc.aio.insecure_channel(target) as channel:
         embed = channel.unary_unary(f"/{EMBEDDING}/Embed")
@@ -169,10 +180,11 @@ async def run(target: str, bearer: str | None, callers: int, calls: int) -> tupl
                 await embed(REQUEST, metadata=metadata, timeout=30)
                 latencies.append(time.perf_counter() - start)
 
-        start = time.perf_counter()
+        cpu_before, start = cpu_seconds(envoy_pid), time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(callers)))
-        elapsed = time.perf_counter() - start
-    return statistics.median(latencies) * 1000, len(latencies) / elapsed
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds(envoy_pid) - cpu_before
+    return (statistics.median(latencies) * 1000, len(latencies) / elapsed,
+            cpu * 1000 / len(latencies))
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -181,8 +193,9 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp, upstream(args.upstream, Path(tmp)) as port, \
             front_door(Path(tmp) / "on", port, True, key, args.tenants) as on, \
             front_door(Path(tmp) / "off", port, False, key, args.tenants) as off:
-        variants = {"tenancy off": (off, None), "tenancy on": (on, bearer), "direct": (f"127.0.0.1:{port}", None)}
-        for target, auth in variants.values():  # until Envoy's health checks route to the upstream
+        variants = {"tenancy off": (*off, None), "tenancy on": (*on, bearer),
+                    "direct": (f"127.0.0.1:{port}", None, None)}
+        for target, _, auth in variants.values():  # until Envoy's health checks route to the upstream
             deadline = time.monotonic() + 30
             while True:
                 try:
@@ -192,25 +205,30 @@ async def main(args: argparse.Namespace) -> None:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.2)
-        results: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        for _ in range(args.rounds):
+        results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+        names = list(variants)
+        for round_ in range(args.rounds):
             for callers in (1, 16):
-                for name, (target, auth) in variants.items():
-                    results.setdefault((name, callers), []).append(await run(target, auth, callers, args.calls))
+                for name in names[round_ % 3:] + names[:round_ % 3]:  # no variant always goes first
+                    target, pid, auth = variants[name]
+                    results.setdefault((name, callers), []).append(
+                        await run(target, auth, callers, args.calls, pid))
 
-    def median(name: str, callers: int) -> tuple[float, float]:
+    def median(name: str, callers: int) -> tuple[float, float, float]:
         rounds = results[(name, callers)]
-        return statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
+        return tuple(statistics.median(r[i] for r in rounds) for i in range(3))  # type: ignore[return-value]
 
     print(f"upstream: {args.upstream}; {args.calls} calls x {args.rounds} rounds per cell; "
           f"{args.tenants} other tenants in the admission state; Envoy --concurrency 1")
-    print(f"{'variant':<12} {'callers':>7} {'p50 ms':>8} {'calls/s':>9} {'p50 vs off':>11} {'calls/s vs off':>15}")
+    print(f"{'variant':<12} {'callers':>7} {'p50 ms':>8} {'calls/s':>9} {'p50 vs off':>11} "
+          f"{'calls/s vs off':>15} {'Envoy CPU ms/call':>18}")
     for callers in (1, 16):
-        base_p50, base_rate = median("tenancy off", callers)
+        base_p50, base_rate, _ = median("tenancy off", callers)
         for name in variants:
-            p50, rate = median(name, callers)
+            p50, rate, cpu = median(name, callers)
+            envoy_cpu = f"{cpu:.3f}" if variants[name][1] else "-"
             print(f"{name:<12} {callers:>7} {p50:>8.3f} {rate:>9.0f} {p50 - base_p50:>+10.3f}ms "
-                  f"{rate / base_rate:>14.2f}x")
+                  f"{rate / base_rate:>14.2f}x {envoy_cpu:>18}")
 
 
 if __name__ == "__main__":
