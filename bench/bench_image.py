@@ -20,6 +20,7 @@ from aimesh_servers import image
 from aimesh_servers.image.engine import ImageRequest
 from aimesh_servers.runtime.runner import ModelServer
 from aimesh_servers.runtime.settings import ServerSettings
+from common import report  # bench/common.py: run as a script, bench/ is on sys.path
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
@@ -86,6 +87,13 @@ async def main(args: argparse.Namespace) -> None:
     base = seconds[0][0]
     for (name, _), (best, median) in zip(rows, seconds):
         print(f"  {name:40s} {best / args.images:12.3f} {median / args.images:8.3f}   x{best / base:.3f}")
+    report("image", args.json, [], {
+        "width": args.width, "height": args.height, "steps": args.steps, "images_per_call": args.images,
+        "repeats": args.repeats, "source": model.source,
+        "rows": {name: {"best_s_per_image": round(best / args.images, 4),
+                        "median_s_per_image": round(median / args.images, 4), "x_baseline": round(best / base, 3)}
+                 for (name, _), (best, median) in zip(rows, seconds)},
+    })
 
 
 if __name__ == "__main__":
@@ -97,4 +105,5 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--source", help="pipeline id or path (default: builtin:tiny-sd)")
+    parser.add_argument("--json", help="write the results here")
     asyncio.run(main(parser.parse_args()))

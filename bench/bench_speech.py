@@ -22,7 +22,10 @@ from aimesh_servers.runtime.runner import ModelServer
 from aimesh_servers.runtime.settings import ServerSettings
 from aimesh_servers.speech import stt, tts
 from aimesh_servers.speech.tts_engine import SynthesisRequest
-from bench_embedding import timed_round_robin  # run as a script, bench/ is on sys.path
+from common import (  # bench/common.py: run as a script, bench/ is on sys.path
+    report,
+    timed_round_robin,
+)
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -101,6 +104,11 @@ async def main(args: argparse.Namespace) -> None:
         f"  whole synthesis   {whole * 1000:7.0f} ms   (first chunk at {first / whole:.0%} of it; "
         f"RTF {whole / audio_s:.3f})"
     )
+    report("speech", args.json, [], {
+        "audio_s": round(audio_s, 2), "sentences": args.sentences, "repeats": args.repeats,
+        "stt_rtf": {name: round(seconds / audio_s, 4) for name, seconds in results.items()},
+        "tts_first_audio_ms": round(first * 1000, 1), "tts_whole_ms": round(whole * 1000, 1),
+    })
 
 
 if __name__ == "__main__":
@@ -108,4 +116,5 @@ if __name__ == "__main__":
     parser.add_argument("--sentences", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the results here")
     asyncio.run(main(parser.parse_args()))

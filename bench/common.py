@@ -81,6 +81,12 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class LoadResult:
     callers: int
@@ -137,6 +143,26 @@ async def closed_loop(call: Callable[[int], Awaitable[object]], callers: int, *,
     return result
 
 
+async def timed_round_robin(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per run: one warm-up each, then the runs in turn, `repeats` times
+    (interleaved, so that load from elsewhere on the machine hits all of them alike).
+    A run may be a plain function or return a coroutine."""
+    async def once(run: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        result = run()
+        if asyncio.iscoroutine(result):
+            await result
+        return time.perf_counter() - start
+
+    for run in runs.values():
+        await once(run)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(await once(run))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 @dataclass
 class Goal:
     name: str
@@ -166,4 +192,6 @@ def report(benchmark: str, json_path: str | None, goals: Sequence[Goal], results
 def machine_info() -> dict[str, Any]:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown")
-    return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0]}
+    # Other work on the machine skews absolute figures (ratios of one run much less): say how much there was.
+    return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0],
+            "load_average": [round(x, 2) for x in os.getloadavg()]}

@@ -117,7 +117,7 @@ async def batched():
     engine = EmbeddingEngine(embedding.DEFAULT_MODEL.source,
                              batching=BatchSettings(max_items=BATCH, max_wait_ms=10_000))
     servicer = EmbeddingServicer(embedding.DEFAULT_MODEL, engine, "local")
-    async with in_process_server([servicer], max_concurrency=engine.capacity) as (server, _):
+    async with in_process_server([servicer]) as (server, _):  # slots: engine.capacity
         client = aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1)
         yield engine, server, client
         await client.close()
