@@ -8,11 +8,12 @@ Shape of the front door:
   router. jwt_authn and Lua sit after the transcoder so they see the gRPC path of every
   call (with jwt_authn before it, an HTTP/JSON call without a token got through);
 - routes from an RDS file (rewritten at runtime with the admission state in the virtual
-  host's metadata and its version in each route's): reflection, health and the registry -> control server (no token needed);
-  tenant and usage APIs -> control; per model and service, `x-aimesh-model: <id>` -> that
-  model's cluster; a call that names no model goes to the capability's default model; one
-  naming an unknown model goes to the control server, which answers NOT_FOUND listing the
-  models that exist; the servers' usage ingest service is never routed from outside;
+  host's metadata and its version in each route's): reflection, health and the registry
+  -> control server (no token needed); tenant and usage APIs -> control; per model and
+  service, `x-aimesh-model: <id>` -> that model's cluster; a call that names no model goes
+  to the capability's default model; one naming an unknown model goes to the control
+  server, which answers NOT_FOUND listing the models that exist; the servers' usage
+  ingest service is never routed from outside;
 - one cluster per model, endpoints from EDS files the mesh controller writes (one
   priority level per pool: the fallback chain), with gRPC health checks, outlier
   detection, retries onto the next priority, a retry budget and circuit breakers.
