@@ -20,6 +20,7 @@ import grpc
 import httpx
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import VENV_BIN
@@ -355,6 +356,8 @@ def test_limits_hold_across_two_front_doors_and_two_replicas(two_doors: tuple[Me
         token = new_tenant(admin, one.front, "shared")
         away_from_window_edge(3600)
         admin.tenants.set_limit("shared", "embedding", "requests", 4, 3600)
+        for mesh in (one, two):  # the other door learns of the change by polling the database
+            poll(lambda m=mesh: _published_share(m, "shared") == [2, 3600], "both doors' limits")
         # Both front doors take the tenant's token (one database, one set of keys).
         served = refused = 0
         for _ in range(4):
@@ -369,6 +372,16 @@ def test_limits_hold_across_two_front_doors_and_two_replicas(two_doors: tuple[Me
         assert len(ok) == 4
         assert all(r.pool == "secondary" and r.fell_back for r in ok)  # primary has no server
         assert sum(r.status == "RESOURCE_EXHAUSTED" for r in rows) == 4
+
+
+def _published_share(mesh: Mesh, tenant: str) -> list[int] | None:
+    """The requests-per-window share a front door's routes (RDS file) carry for a tenant."""
+    routes = yaml.safe_load((mesh.state_dir / "rds" / "routes.yaml").read_text())
+    for meta in routes["resources"][0]["virtual_hosts"][0]["metadata"]["filter_metadata"].values():
+        entry = meta.get("admission", {}).get("tenants", {}).get(tenant)
+        if entry:
+            return entry["requests"].get("embedding", {}).get("*")
+    return None
 
 
 def _served_or_limited(client: aimesh.Client) -> str | None:

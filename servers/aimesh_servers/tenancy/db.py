@@ -205,6 +205,9 @@ def alembic_config(connection: sa.Connection | None = None):  # type: ignore[no-
     return config
 
 
+MIGRATION_LOCK = 0x61696D657368  # "aimesh": the advisory lock every migrating process takes
+
+
 def migrate(url_or_engine: str | Engine) -> None:
     """Upgrades the database to the newest migration (a no-op when it is there)."""
     from alembic import command
@@ -212,6 +215,10 @@ def migrate(url_or_engine: str | Engine) -> None:
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Control planes that start together must not migrate at once: the loser
+                # waits for the winner's transaction, then finds nothing left to do.
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             command.upgrade(alembic_config(connection), "head")
     finally:
         if isinstance(url_or_engine, str):
