@@ -102,7 +102,7 @@ def test_quick_start_token_works_through_sdk_grpcurl_and_curl(mesh: Mesh) -> Non
     assert str(mesh.state_dir / "local.token") in mesh.output  # the banner says where it is
     with aimesh.Client(mesh.front, token=mesh.token, timeout=30) as client:
         assert len(client.embedding.embed(EMBED, ["hello"]).embeddings) == 1
-    with aimesh.Client(mesh.front, timeout=30) as anonymous:
+    with aimesh.Client(mesh.front, token="", timeout=30) as anonymous:
         with pytest.raises(aimesh.UnauthenticatedError) as refused:
             anonymous.embedding.embed(EMBED, ["hello"])
         assert refused.value.reason == "UNAUTHENTICATED"

@@ -3,6 +3,7 @@ sub-client per capability (client.text, client.image, ...)."""
 
 from __future__ import annotations
 
+import os
 from types import TracebackType
 
 import grpc
@@ -23,11 +24,16 @@ from .usage import AsyncUsageClient, UsageClient
 from .vision import AsyncVisionClient, VisionClient
 
 
+def _token(token: str | None) -> str | None:
+    return os.environ.get("AIMESH_TOKEN") if token is None else token or None
+
+
 class Client:
     """Blocking client. `with aimesh.Client("localhost:8080", token=...) as client:`
 
     target: host:port of the mesh front door (Envoy) or of one server.
-    token: the tenant's JWT, sent as `authorization: Bearer ...`.
+    token: the tenant's JWT, sent as `authorization: Bearer ...`; None reads the
+        AIMESH_TOKEN environment variable, "" sends none.
     timeout: default deadline in seconds for every call (each call can override it).
     max_attempts: attempts per call (1 = no retry, at most 2) for calls that fail UNAVAILABLE,
         or RESOURCE_EXHAUSTED from a busy server, before any response.
@@ -40,7 +46,7 @@ class Client:
         options = channel_options(max_attempts, retry_busy)
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
-        transport = Transport(self.channel, token, timeout)
+        transport = Transport(self.channel, _token(token), timeout)
         self.registry = RegistryClient(transport)
         self.text = TextClient(transport)
         self.vision = VisionClient(transport)
@@ -57,7 +63,7 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType]) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -71,7 +77,7 @@ class AsyncClient:
         options = channel_options(max_attempts, retry_busy)
         self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                         else grpc.aio.insecure_channel(target, options))
-        transport = AsyncTransport(self.channel, token, timeout)
+        transport = AsyncTransport(self.channel, _token(token), timeout)
         self.registry = AsyncRegistryClient(transport)
         self.text = AsyncTextClient(transport)
         self.vision = AsyncVisionClient(transport)

@@ -271,14 +271,22 @@ def _split_method(path: str) -> tuple[str, str]:
     return (service, method) if service.startswith("aimesh.") else ("", "")
 
 
+REASON_STATUS = {"UNAUTHENTICATED": "UNAUTHENTICATED", "PERMISSION_DENIED": "PERMISSION_DENIED",
+                 "RATE_LIMITED": "RESOURCE_EXHAUSTED", "BUDGET_EXHAUSTED": "RESOURCE_EXHAUSTED"}
+
+
 def _edge_status(edge: dict[str, Any]) -> str:
-    """Envoy's %GRPC_STATUS% ("ResourceExhausted", or a number), else its HTTP status."""
+    """How Envoy saw the call end: its own refusal's reason, %GRPC_STATUS% for a gRPC call
+    ("ResourceExhausted", or a number), else the HTTP status of a transcoded call."""
+    if status := REASON_STATUS.get(edge.get("reason") or ""):
+        return status
+    transcoded = (edge.get("path") or "") != (edge.get("grpc_path") or edge.get("path") or "")
     grpc_status = str(edge.get("grpc_status") or "")
-    if grpc_status and grpc_status != "-":
+    if grpc_status and grpc_status != "-" and not transcoded:
         if grpc_status.isdigit():
             code = int(grpc_status)
             return GRPC_CODE_NAMES[code] if code < len(GRPC_CODE_NAMES) else "UNKNOWN"
-        return re.sub(r"(?<!^)(?=[A-Z])", "_", grpc_status).upper()
+        return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", grpc_status).upper()
     http = int(edge.get("http_status") or 0)
     if http == 0:
         return "CANCELLED" if "DC" in str(edge.get("flags", "")) else "UNKNOWN"
