@@ -100,14 +100,13 @@ def store_figures(name: str, url: str, rows: int, repeats: int) -> dict[str, Any
     try:
         print(f"[{name}] inserting {rows:,} records...", flush=True)
         insert_rate = bulk_insert(engine, rows)
-        if engine.dialect.name == "postgresql":
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                connection.exec_driver_sql("VACUUM ANALYZE usage_records")
+        analyze(engine)
 
         raw = {label: timed(lambda t=tenant: summary(engine, t), repeats) for label, tenant in MEASURED.items()}
         rollup_started = time.perf_counter()
         rolled = rollup(engine, END)
         rollup_s = time.perf_counter() - rollup_started
+        analyze(engine)
         hourly = {label: timed(lambda t=tenant: summary(engine, t), repeats) for label, tenant in MEASURED.items()}
         with engine.connect() as connection:
             hourly_rows = connection.scalar(sa.select(sa.func.count()).select_from(db.usage_hourly))
@@ -123,6 +122,14 @@ def store_figures(name: str, url: str, rows: int, repeats: int) -> dict[str, Any
         return figures
     finally:
         engine.dispose()
+
+
+def analyze(engine: sa.Engine) -> None:
+    """Fresh planner statistics after a bulk change, as autovacuum would soon make them."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql("VACUUM ANALYZE usage_records")
+            connection.exec_driver_sql("VACUUM ANALYZE usage_hourly")
 
 
 def summary(engine: sa.Engine, tenant: str) -> list[queries.SummaryLine]:

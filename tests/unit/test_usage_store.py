@@ -195,6 +195,7 @@ def test_a_killed_writer_loses_at_most_the_last_batch(url: str, engine: sa.Engin
     # What was committed is exactly the first rows, each once; what is lost is the tail.
     assert written == list(range(len(written)))
     lost = submitted - len(written)
+    print(f"killed writer: {lost} of {submitted} rows lost")
     assert lost <= batch_size, f"{lost} rows lost of {submitted}"
 
 
