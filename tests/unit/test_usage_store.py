@@ -97,6 +97,27 @@ def test_migrated_schema_equals_the_metadata(url: str, engine: sa.Engine) -> Non
         assert connection.execute(sa.select(db.tenancy_state)).all() == [(1, 0)]
 
 
+def test_control_planes_starting_together_migrate_once(url: str) -> None:
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            db.migrate(url)
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=DEADLINE_S)
+    assert errors == []
+    engine = db.make_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(db.tenancy_state)).all() == [(1, 0)]
+    engine.dispose()
+
+
 def test_times_come_back_aware_utc(engine: sa.Engine) -> None:
     local = datetime(2026, 3, 1, 1, 30, tzinfo=UTC).astimezone(__import__("zoneinfo").ZoneInfo("Asia/Tokyo"))
     record_all(engine, [row(time=local)])

@@ -205,7 +205,9 @@ def alembic_config(connection: sa.Connection | None = None):  # type: ignore[no-
     return config
 
 
-MIGRATION_LOCK = 0x61696D657368  # "aimesh": the advisory lock every migrating process takes
+# PostgreSQL advisory locks ("aimesh", "aimesi"): one migration, one rollup at a time.
+MIGRATION_LOCK = 0x61696D657368
+ROLLUP_LOCK = 0x61696D657369
 
 
 def migrate(url_or_engine: str | Engine) -> None:
@@ -214,10 +216,10 @@ def migrate(url_or_engine: str | Engine) -> None:
 
     engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
-        with engine.begin() as connection:
+        # Control planes that start together must not migrate at once: the loser waits for
+        # the winner's transaction (SQLite: its write lock), then finds nothing left to do.
+        with engine.connect().execution_options(**{WRITE_LOCK_OPTION: True}) as connection, connection.begin():
             if connection.dialect.name == "postgresql":
-                # Control planes that start together must not migrate at once: the loser
-                # waits for the winner's transaction, then finds nothing left to do.
                 connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             command.upgrade(alembic_config(connection), "head")
     finally:

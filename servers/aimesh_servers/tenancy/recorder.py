@@ -32,7 +32,7 @@ from typing import Any, Self
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .db import WRITE_LOCK_OPTION, usage_hourly, usage_records
+from .db import ROLLUP_LOCK, WRITE_LOCK_OPTION, usage_hourly, usage_records
 from .usage_queries import (
     LATENCY_BUCKETS,
     RAW_LATENCY_BUCKET,
@@ -273,7 +273,7 @@ def rollup(engine: Engine, before: datetime) -> int:
     )
     with engine.connect().execution_options(**{WRITE_LOCK_OPTION: True}) as connection, connection.begin():
         if dialect == "postgresql":
-            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_ROLLUP_LOCK_ID)))
+            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(ROLLUP_LOCK)))
         sums: dict[tuple[Any, ...], dict[str, Any]] = {}
         for row in connection.execute(aggregate):
             key = (parse_time_key(row[0], "hour"), *row[1:6])
@@ -315,7 +315,6 @@ def rollup(engine: Engine, before: datetime) -> int:
     return deleted
 
 
-_ROLLUP_LOCK_ID = 0x61696D657368  # "aimesh": the advisory lock of rollups
 _SUM_COLUMNS = ("calls", "errors", "fallbacks", "input_units", "output_units", "cost_usd", "duration_ms_sum",
                 "latency_hist")
 _KEY_COLUMNS = ("hour", "tenant", "capability", "served_model", "pool", "unit")
