@@ -306,6 +306,8 @@ class ImageEngine:
         first one's shape (up to `max_batch` images), after a short join window."""
         while True:
             batch = self._next_batch()
+            if not batch:  # its first request left during the join window
+                continue
             try:
                 self._run(batch)
             except BaseException as exc:  # noqa: BLE001 - each caller gets it
