@@ -50,6 +50,9 @@ def variants(sweep: bool) -> dict[str, dict[str, str]]:
         for items, wait in ((8, 2), (16, 0), (16, 2), (16, 5), (32, 0), (32, 5)):
             out[f"batched ({items} items, {wait} ms)"] = {
                 "AIMESH_BATCH_MAX_ITEMS": str(items), "AIMESH_BATCH_MAX_WAIT_MS": str(wait)}
+        # The default is 1 torch thread (the event loop keeps the other core); 2 for the record.
+        out["batched (defaults), 2 torch threads"] = {"AIMESH_BATCH_TORCH_THREADS": "2"}
+        out["one at a time, 2 torch threads"] = {**out[BASELINE], "AIMESH_BATCH_TORCH_THREADS": "2"}
     return out
 
 

@@ -14,5 +14,6 @@ def build(model: ServedModel, settings: ServerSettings):
     from .engine import EmbeddingEngine
     from .servicer import EmbeddingServicer
 
-    engine = EmbeddingEngine(model.source, threads=settings.torch_threads, batching=BatchSettings())
+    # Torch threads come from the batch settings (AIMESH_BATCH_TORCH_THREADS), not settings.torch_threads.
+    engine = EmbeddingEngine(model.source, batching=BatchSettings())
     return EmbeddingServicer(model, engine, settings.pool)

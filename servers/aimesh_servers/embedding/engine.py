@@ -57,7 +57,6 @@ class EmbeddingLimits:
 class EmbeddingEngine:
     source: str
     limits: EmbeddingLimits = field(default_factory=EmbeddingLimits)
-    threads: int = 2
     batching: BatchSettings = field(default_factory=BatchSettings)
 
     @property
@@ -66,7 +65,7 @@ class EmbeddingEngine:
         return self.batching.admitted
 
     def load(self) -> None:
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.batching.torch_threads)
         path = builtin.resolve(self.source)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "right"  # what "lasttoken" pooling expects

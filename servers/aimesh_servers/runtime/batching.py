@@ -35,7 +35,7 @@ Result = TypeVar("Result")
 
 
 class BatchSettings(BaseSettings):
-    """AIMESH_BATCH_MAX_ITEMS, AIMESH_BATCH_MAX_WAIT_MS, AIMESH_BATCH_CAPACITY."""
+    """AIMESH_BATCH_MAX_ITEMS, _MAX_WAIT_MS, _CAPACITY, _TORCH_THREADS."""
 
     model_config = SettingsConfigDict(env_prefix="AIMESH_BATCH_", extra="ignore")
 
@@ -45,6 +45,12 @@ class BatchSettings(BaseSettings):
     capacity: int | None = Field(
         None, ge=1, description="callers admitted at once (waiting or running); default 2 x max_items, "
                                 "so that a batch fills while the previous one runs")
+    # Measured on 2 shared cores (bench_embedding --sweep): with 2 threads, each of the
+    # forward pass's parallel regions waits whenever the event loop or another process
+    # preempts one of them, and 16 callers got 4-34 calls/s; with 1, 146-159.
+    torch_threads: int = Field(
+        1, ge=1, description="intra-op threads of the batch worker's forward passes (one pass runs at a time; "
+                             "the batch, not threads, makes it efficient, and the event loop keeps a core)")
 
     @property
     def admitted(self) -> int:

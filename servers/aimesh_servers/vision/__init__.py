@@ -21,5 +21,6 @@ def build(model: ServedModel, settings: ServerSettings):
 
     if builtin.has_random_weights(model.source):
         model = replace(model, random_weights=True)
-    engine = VisionEngine(model.source or None, threads=settings.torch_threads, batching=BatchSettings())
+    # Captioning's torch threads come from the batch settings (AIMESH_BATCH_TORCH_THREADS).
+    engine = VisionEngine(model.source or None, ocr_threads=settings.torch_threads, batching=BatchSettings())
     return ImageToTextServicer(model, engine, settings.pool)

@@ -81,7 +81,7 @@ class _UntilCancelled(StoppingCriteria):
 class VisionEngine:
     caption_source: str | None  # None: OCR only
     limits: VisionLimits = field(default_factory=VisionLimits)
-    threads: int = 2
+    ocr_threads: int = 2  # tesseract runs at once
     batching: BatchSettings = field(default_factory=BatchSettings)
 
     @property
@@ -97,15 +97,15 @@ class VisionEngine:
         # Fails here, before SERVING, when the tesseract binary is missing.
         self.ocr_languages = frozenset(pytesseract.get_languages(config="")) - {"osd"}
         if self.caption_source:
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(self.batching.torch_threads)
             path = builtin.resolve(self.caption_source)
             self.processor = AutoProcessor.from_pretrained(path)
             self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
             self.model.eval()
         # Fast tokenizers keep padding state: concurrent calls may not share one.
         self._processor_lock = threading.Lock()
-        # tesseract runs as a subprocess: a batch's OCR runs beside its captions, `threads` at once.
-        self._ocr_runs = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="ocr")
+        # tesseract runs as a subprocess: a batch's OCR runs beside its captions.
+        self._ocr_runs = ThreadPoolExecutor(max_workers=self.ocr_threads, thread_name_prefix="ocr")
         self.batcher: DynamicBatcher[DescribeRequest, Description] = DynamicBatcher(
             self._describe_batch, self.batching, name="vision-batcher")
 
