@@ -1,8 +1,9 @@
 """A burst of callers through a real mesh: does admission answer or refuse honestly?
 
-Starts `aimesh up --only text` and runs closed-loop callers of 1-token text `Generate`
-calls through the Envoy front door (each caller its own client, with the SDK's default
-deadline, calling again as soon as a call ends, or when a refusal's RetryInfo says):
+Starts `aimesh up --only text --no-tenancy` (admission is measured, not tenant limits)
+and runs closed-loop callers of 1-token text `Generate` calls through the Envoy front
+door (each caller its own client, with the SDK's default deadline, calling again as soon
+as a call ends, or when a refusal's RetryInfo says):
 
 1. 64 callers, SDK retries off: answered calls/s, calls refused with RESOURCE_EXHAUSTED
    + RetryInfo (an honest "come back in X s"), and calls that failed any other way;
@@ -32,7 +33,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aimesh
-from aimesh_servers.tenancy.bootstrap import LOCAL_TOKEN_FILE
 
 from tests.mesh.conftest import Mesh
 
@@ -69,14 +69,14 @@ class Phase:
                 "failed": sum(self.failed.values()), "failed_by_status": dict(self.failed)}
 
 
-async def run_phase(front: str, token: str | None, phase: Phase, seconds: float) -> Phase:
+async def run_phase(front: str, phase: Phase, seconds: float) -> Phase:
     """Closed loop: each caller calls again as soon as its call ended."""
     started = time.perf_counter()
     deadline = started + seconds
 
     async def caller() -> None:
         options: dict[str, Any] = {} if phase.retries else {"max_attempts": 1}
-        async with aimesh.AsyncClient(front, token=token, **options) as client:
+        async with aimesh.AsyncClient(front, **options) as client:
             while time.perf_counter() < deadline:
                 began = time.perf_counter()
                 try:
@@ -114,11 +114,11 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0]}
 
 
-async def measure(front: str, token: str | None, seconds: float) -> list[Phase]:
-    async with aimesh.AsyncClient(front, token=token, timeout=120) as client:  # warm-up
+async def measure(front: str, seconds: float) -> list[Phase]:
+    async with aimesh.AsyncClient(front) as client:  # warm-up
         await client.text.generate(MODEL, HI, max_tokens=1)
-    burst = await run_phase(front, token, Phase("burst, SDK retries off", 64, retries=False), seconds)
-    retried = await run_phase(front, token, Phase("SDK retries on", 32, retries=True), seconds)
+    burst = await run_phase(front, Phase("burst, SDK retries off", 64, retries=False), seconds)
+    retried = await run_phase(front, Phase("SDK retries on", 32, retries=True), seconds)
     return [burst, retried]
 
 
@@ -131,9 +131,7 @@ def main() -> None:
         mesh = Mesh(Path(tmp), only=["text"])
         try:
             mesh.wait_ready()
-            token_file = Path(tmp) / LOCAL_TOKEN_FILE  # the local tenant's token, when tenancy is on
-            token = token_file.read_text().strip() if token_file.exists() else None
-            burst, retried = asyncio.run(measure(mesh.front, token, args.seconds))
+            burst, retried = asyncio.run(measure(mesh.front, args.seconds))
         finally:
             mesh.stop()
 
