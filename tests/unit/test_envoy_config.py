@@ -79,3 +79,25 @@ def test_routes_come_from_the_rds_file_write_config_writes(tmp_path):
     assert served["virtual_hosts"][0]["routes"] == routes(spec)
     # The edge: a caller's x-envoy-* and x-request-id are not trusted.
     assert hcm["use_remote_address"] is True and hcm["xff_num_trusted_hops"] == 0
+
+
+def test_each_attempt_has_per_capability_timeouts_and_a_timeout_is_retried(tmp_path):
+    from aimesh_servers.mesh.envoy_config import TRY_TIMEOUTS
+    from aimesh_servers.registry.schema import Capability
+
+    assert set(TRY_TIMEOUTS) == set(Capability)
+    spec = MeshSpec(registry=load_registry(), state_dir=tmp_path, control_port=1)
+    seen = set()
+    for route in routes(spec):
+        if route.get("route", {}).get("cluster", "control") == "control":
+            continue
+        model = spec.registry.get(route["route"]["cluster"].removeprefix("model_"))
+        policy = route["route"]["retry_policy"]
+        timeouts = TRY_TIMEOUTS[model.capability]
+        assert policy["per_try_timeout"] == f"{timeouts.first_byte_s:g}s"
+        assert policy["per_try_idle_timeout"] == f"{timeouts.idle_s:g}s"
+        assert "reset" in policy["retry_on"].split(",")  # a per-try timeout is a reset
+        seen.add(model.capability)
+    assert seen == set(Capability)
+    text, image = TRY_TIMEOUTS[Capability.TEXT_GENERATION], TRY_TIMEOUTS[Capability.IMAGE_GENERATION]
+    assert text.first_byte_s < image.first_byte_s

@@ -31,7 +31,7 @@ from typing import Any
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from ..registry.schema import Model, Registry
+from ..registry.schema import Capability, Model, Registry
 from ..runtime.errors import DOMAIN
 from .tenancy_envoy import (
     ADMIN_CAPABILITY,
@@ -55,6 +55,29 @@ MODEL_HEADER = "x-aimesh-model"
 CONTROL_CLUSTER = "control"
 ROUTE_CONFIG_NAME = "aimesh"
 RETRY_ON = "unavailable,cancelled,resource-exhausted,connect-failure,refused-stream,reset"
+
+
+
+@dataclass(frozen=True)
+class TryTimeouts:
+    first_byte_s: float  # per_try_timeout: until the server's first message (its headers)
+    idle_s: float  # per_try_idle_timeout: between two messages of a stream
+
+
+# How long one attempt may go without an answer before Envoy gives up on that server and
+# retries the call on the next pool (a hung server then costs one timeout, not the
+# caller's deadline). First byte = the server's queue for a slot (AIMESH_QUEUE_TIMEOUT_S,
+# 2 s) + the engine's first output on a loaded 2-core machine. Text, embeddings, speech
+# synthesis and OCR answer (or send their first piece) in well under a second; one
+# diffusion step or a whole audio file transcribed in one go can take tens of seconds.
+TRY_TIMEOUTS: dict[Capability, TryTimeouts] = {
+    Capability.TEXT_GENERATION: TryTimeouts(first_byte_s=6, idle_s=6),
+    Capability.EMBEDDING: TryTimeouts(first_byte_s=6, idle_s=6),
+    Capability.TEXT_TO_SPEECH: TryTimeouts(first_byte_s=8, idle_s=8),
+    Capability.IMAGE_TO_TEXT: TryTimeouts(first_byte_s=10, idle_s=10),
+    Capability.IMAGE_GENERATION: TryTimeouts(first_byte_s=30, idle_s=30),
+    Capability.SPEECH_TO_TEXT: TryTimeouts(first_byte_s=30, idle_s=30),
+}
 
 # One JSON line per call; the usage collector tails it (joined with the servers' reports on
 # request_id) to record calls refused at the edge.
@@ -194,14 +217,20 @@ def control_cluster(spec: MeshSpec) -> dict[str, Any]:
     }
 
 
-def _retry_policy() -> dict[str, Any]:
+def _retry_policy(capability: Capability) -> dict[str, Any]:
     """At most 3 attempts per call, Envoy's and the SDK's together: Envoy retries a call's
     first attempt once (onto the next pool), and never an attempt that is itself a
     client's retry (gRPC marks those with `grpc-previous-rpc-attempts`); the SDK makes at
-    most 2 attempts (aimesh.client.transport.MAX_ATTEMPTS). So 2 + 1 = 3."""
+    most 2 attempts (aimesh.client.transport.MAX_ATTEMPTS). So 2 + 1 = 3. An attempt that
+    times out (TRY_TIMEOUTS) is a `reset` and is retried like a refused connection; an idle
+    timeout after the first message cannot be retried (the caller has part of the answer)
+    and ends the stream."""
+    timeouts = TRY_TIMEOUTS[capability]
     return {
         "retry_on": RETRY_ON,
         "num_retries": 1,
+        "per_try_timeout": _duration(timeouts.first_byte_s),
+        "per_try_idle_timeout": _duration(timeouts.idle_s),
         "retriable_request_headers": [{"name": "grpc-previous-rpc-attempts", "present_match": False}],
         "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
         "retry_host_predicate": [{
@@ -236,7 +265,7 @@ def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool,
             "timeout": _duration(spec.route_timeout_s),
             # A gRPC caller's own deadline (grpc-timeout) applies, capped by the route timeout.
             "max_stream_duration": {"grpc_timeout_header_max": _duration(spec.route_timeout_s)},
-            "retry_policy": _retry_policy(),
+            "retry_policy": _retry_policy(model.capability),
         },
         "metadata": route_metadata(SERVICE_CAPABILITY.get(service, ""), model.id, False, version),
     }

@@ -30,6 +30,7 @@ from .admission import Admission, Ticket
 from .errors import AimeshError, EngineFailure, MalformedRequest
 from .service import SERVED_BY_METADATA
 from .streams import CALL_EXECUTOR
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ class _Outcome:
 
 
 class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, admission: Admission, executor: Executor | None = None) -> None:
+    def __init__(self, admission: Admission, executor: Executor | None = None,
+                 watchdog: Watchdog | None = None) -> None:
         self.admission = admission
         self.executor = executor
+        self.watchdog = watchdog
 
     async def intercept_service(
         self,
@@ -91,7 +94,14 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             except AimeshError as exc:
                 await self._abort(context, exc, method)
             CALL_EXECUTOR.set(self.executor)
+            if self.watchdog is not None:
+                self.watchdog.begin()
             return ticket
+
+        def release(ticket: Ticket) -> None:
+            self.admission.release(ticket)
+            if self.watchdog is not None:
+                self.watchdog.end()
 
         async def send_headers(context: grpc.aio.ServicerContext, ticket: Ticket) -> None:
             queue = (("x-aimesh-queue-wait-ms", str(round(ticket.wait_s * 1000))),
@@ -133,7 +143,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     account.end(outcome.code, outcome.reason)
-                    self.admission.release(ticket)
+                    release(ticket)
 
             factory = (
                 grpc.stream_unary_rpc_method_handler
@@ -154,6 +164,8 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                 first = True
                 async for response in inner_stream(req, context):
                     account.observe(response)
+                    if self.watchdog is not None:
+                        self.watchdog.progress()
                     if first:
                         await send_headers(context, ticket)
                     first = False
@@ -163,7 +175,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 account.end(outcome.code, outcome.reason)
-                self.admission.release(ticket)
+                release(ticket)
 
         factory = (
             grpc.stream_stream_rpc_method_handler

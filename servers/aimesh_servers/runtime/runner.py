@@ -28,6 +28,7 @@ from .interceptor import AimeshServerInterceptor
 from .service import Capability
 from .settings import ServerSettings
 from .usage_reporter import UsageReporter
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ModelServer:
         self.executor = ThreadPoolExecutor(slots + settings.spare_threads,
                                            thread_name_prefix="aimesh-engine")
         self.health = health.aio.HealthServicer()
+        self.watchdog = Watchdog(settings.watchdog_stall_s, self._set_serving)
         self.server: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
         self.port = 0
         self.registrar: Registrar | None = (
@@ -63,9 +65,13 @@ class ModelServer:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
+    async def _set_serving(self, serving: bool) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING if serving
+                               else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def start(self) -> int:
         self.server = grpc.aio.server(
-            interceptors=[AimeshServerInterceptor(self.limit, self.executor)],
+            interceptors=[AimeshServerInterceptor(self.limit, self.executor, self.watchdog)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -91,6 +97,7 @@ class ModelServer:
         for cap in self.capabilities:
             await asyncio.to_thread(cap.load)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.watchdog.start()
         models = ", ".join(m.id for cap in self.capabilities for m in cap.models)
         announce(f"serving {models} on port {self.port} (loaded in {time.monotonic() - started:.1f}s)")
         return self.port
@@ -113,6 +120,7 @@ class ModelServer:
     async def drain(self) -> None:
         """Deregister and go NOT_SERVING, keep serving a moment, then stop with a grace period."""
         announce("draining: NOT_SERVING")
+        self.watchdog.stop()
         for instance in self.instances:
             self.registrar.deregister(instance)  # type: ignore[union-attr]
         await self.health.enter_graceful_shutdown()

@@ -22,6 +22,8 @@ class ServerSettings(BaseSettings):
         2.0, ge=0, description="longest a call waits for a slot (less when its deadline is nearer)")
     spare_threads: int = Field(
         4, ge=1, description="threads beyond the slots in the server's executor (helpers, hand-offs)")
+    watchdog_stall_s: float = Field(
+        60.0, ge=0, description="NOT_SERVING while admitted calls make no progress this long (0: off)")
     drain_delay_s: float = Field(
         2.0, ge=0, description="after SIGTERM: keep serving while NOT_SERVING propagates"
     )
