@@ -56,6 +56,18 @@ MESH_VARIANTS = [
     MeshVariant("aimesh envoy, tenancy on", tenancy=True),
 ]
 
+def bench_tenant(mesh: Mesh) -> str:
+    """A tenant whose limits are enforced on every call (the Lua counts each request, units
+    are charged) but set far above what the benchmark sends, so none is refused."""
+    import aimesh
+
+    with aimesh.Client(mesh.front, token=mesh.admin_token, timeout=30) as admin:
+        admin.tenants.create("bench")
+        admin.tenants.set_limit("bench", "embedding", "requests", 1e9, 60)
+        admin.tenants.set_limit("bench", "embedding", "units", 1e12, 60)
+        return admin.tenants.issue_token("bench", ["embedding"]).token
+
+
 @dataclass
 class Target:
     name: str
@@ -247,7 +259,7 @@ async def main(args: argparse.Namespace) -> None:
                 server = server_address(mesh.state_dir)
                 server_pid = json.loads((mesh.state_dir / "servers.json").read_text())[0]["pid"]
                 envoy_pid = int(mesh.wait_line(r"envoy listening on .* \(pid (\d+)\)").group(1))
-                token = (("authorization", f"Bearer {mesh.token}"),) if variant.tenancy else ()
+                token = (("authorization", f"Bearer {bench_tenant(mesh)}"),) if variant.tenancy else ()
                 direct = "direct" if n == 0 else f"direct ({variant.name}'s server)"
                 targets.append(Target(direct, server, direct, pids={"server": server_pid}))
                 if n == 0:
