@@ -4,8 +4,8 @@ The interceptor opens a `CallAccount` for every admitted call (`begin`), shows i
 response message (`observe`: a message with a `usage` field sets the units), and closes
 it with the final status (`end`). Servicers that know units as they go (text streams,
 token by token) call `current().set_units(...)`, so a stream the caller cancels still
-reports what it produced. Closed accounts go to a `UsageSink` (the mesh's usage
-collector) off the hot path; with no sink configured they are dropped.
+reports what it produced. Closed accounts go to every installed `UsageSink` (the mesh's
+usage collector, the server's metrics) off the hot path; with no sink they are dropped.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class CallAccount:
         self.served_model = served.get("x-aimesh-served-model", "")
         self.served_version = served.get("x-aimesh-served-version", "")
         self.pool = served.get("x-aimesh-pool", "")
-        if _sink is not None:
-            _sink.submit(self)
+        for sink in _sinks:
+            sink.submit(self)
 
 
 def _usage_of(response: Any) -> tuple[str, float, float] | None:
@@ -106,9 +106,10 @@ class UsageSink(Protocol):
         """Must not block: queue and return."""
 
 
-_sink: UsageSink | None = None
+_sinks: tuple[UsageSink, ...] = ()
 
 
 def install_sink(sink: UsageSink | None) -> None:
-    global _sink
-    _sink = sink
+    """Adds `sink` beside those installed; None removes every sink."""
+    global _sinks
+    _sinks = () if sink is None else (*_sinks, sink)
