@@ -1,8 +1,12 @@
-"""TextGenerationService over a real in-process grpc.aio server with the real SmolLM2."""
+"""TextGenerationService over a real in-process grpc.aio server with the real SmolLM2,
+its calls decoded together by the engine's batch scheduler."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -11,18 +15,40 @@ import aimesh
 from aimesh.text.v1 import text_generation_pb2 as pb
 from aimesh.text.v1 import text_generation_pb2_grpc as pb_grpc
 from aimesh_servers import text
+from aimesh_servers.runtime import accounting
+from aimesh_servers.text.engine import TextEngine
+from aimesh_servers.text.servicer import TextGenerationServicer
+from aimesh_servers.text.settings import TextSettings
 from tests.servers import in_process_server
 
 QUESTION = [("user", "What is the capital of France? Answer in one sentence.")]
+LONG = [("user", "Write a very long story about a dragon.")]
+
+
+@contextlib.asynccontextmanager
+async def text_server(max_batch: int, **settings: object) -> AsyncIterator[tuple[object, object, aimesh.AsyncClient]]:
+    engine = TextEngine(text.DEFAULT_MODEL.source, settings=TextSettings(max_batch=max_batch))
+    servicer = TextGenerationServicer(text.DEFAULT_MODEL, engine, "local")
+    async with in_process_server([servicer], **settings) as (server, _):
+        client = aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=300)
+        try:
+            yield servicer, server, client
+        finally:
+            await client.close()
+            engine.close()
 
 
 @pytest.fixture(scope="module")
 async def served():
-    servicer = text.build(text.DEFAULT_MODEL, text.ServerSettings())
-    async with in_process_server([servicer], max_concurrency=2) as (server, channel):
-        client = aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1)
-        yield servicer, server, client
-        await client.close()
+    async with text_server(max_batch=16) as parts:
+        yield parts
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.01)
 
 
 async def test_stream_generate_streams_tokens_with_usage_and_served_by(served):
@@ -145,18 +171,129 @@ async def test_header_and_body_model_must_agree(served):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_full_server_answers_resource_exhausted_with_retry_info(served):
-    _, server, client = served
-    long = [("user", "Write a long essay about the sea.")]
-    streams = [client.text.stream_generate("smollm2-135m", long, max_tokens=400) for _ in range(2)]
-    firsts = [await anext(s) for s in streams]  # both slots now busy (max_concurrency=2)
-    assert all(f.served_by.model for f in firsts)
-    with pytest.raises(aimesh.ResourceExhaustedError) as caught:
-        await client.text.generate("smollm2-135m", QUESTION, max_tokens=4)
-    assert caught.value.reason == "SERVER_BUSY" and caught.value.retry_after_s and caught.value.retry_after_s > 0
-    for s in streams:
-        await s.aclose()
-    await asyncio.sleep(1.0)
+async def test_full_server_answers_resource_exhausted_with_retry_info():
+    # The engine's slots are what the server admits: two sequences, no queue.
+    async with text_server(max_batch=2, max_queue=0) as (servicer, server, client):
+        assert server.limit.slots == servicer.engine.capacity == 2
+        long = [("user", "Write a long essay about the sea.")]
+        streams = [client.text.stream_generate("smollm2-135m", long, max_tokens=400) for _ in range(2)]
+        firsts = [await asyncio.wait_for(anext(s), 120) for s in streams]  # both slots now busy
+        assert all(f.served_by.model for f in firsts)
+        with pytest.raises(aimesh.ResourceExhaustedError) as caught:
+            await client.text.generate("smollm2-135m", QUESTION, max_tokens=4)
+        assert caught.value.reason == "SERVER_BUSY" and caught.value.retry_after_s and caught.value.retry_after_s > 0
+        for s in streams:
+            await s.aclose()
+        await until(lambda: server.limit.in_flight == 0, "the slots came free")
+        ok = await client.text.generate("smollm2-135m", QUESTION, max_tokens=4)
+        assert ok.text
+
+
+# Under the batcher: calls decoded together give what each gives alone.
+
+PROMPTS = [
+    "What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+    "What is 7 times 8?", "Give me a tip for learning Python.", "Describe a cat in one sentence.",
+    "Why is the sky blue?", "Suggest a name for a dog.", "What does a baker do?",
+    "Translate 'good morning' into Spanish.", "List two planets.", "What is a prime number?",
+    "Tell me a fun fact about octopuses.", "How do plants make food?",
+    "Write a greeting for a birthday card.", "What is the boiling point of water?",
+]
+
+
+def call_kwargs(i: int) -> dict[str, object]:
+    """Greedy for even i, seeded sampling (a different seed each) for odd i."""
+    if i % 2 == 0:
+        return dict(max_tokens=12)
+    return dict(max_tokens=12, temperature=0.9, top_p=0.95, seed=100 + i)
+
+
+async def answer(client: aimesh.AsyncClient, prompt: str, **kwargs: object) -> tuple[str, int]:
+    pieces = [p async for p in client.text.stream_generate("smollm2-135m", [("user", prompt)], **kwargs)]
+    return "".join(p.text_delta for p in pieces), pieces[-1].finish_reason
+
+
+async def test_16_concurrent_greedy_and_seeded_streams_each_equal_their_answer_alone(served):
+    servicer, server, client = served
+    alone = [await answer(client, prompt, **call_kwargs(i)) for i, prompt in enumerate(PROMPTS)]
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, servicer.engine.scheduler.active)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        together = await asyncio.gather(
+            *(answer(client, prompt, **call_kwargs(i)) for i, prompt in enumerate(PROMPTS)))
+    finally:
+        watcher.cancel()
+    assert peak > 8, f"the calls were not decoded together (at most {peak} at once)"
+    for i, (got, expected) in enumerate(zip(together, alone)):
+        assert got == expected, f"call {i} ({PROMPTS[i]!r}, {call_kwargs(i)}) differs when batched"
     assert server.limit.in_flight == 0
-    ok = await client.text.generate("smollm2-135m", QUESTION, max_tokens=4)
-    assert ok.text
+
+
+async def test_a_cancelled_stream_frees_its_slot_while_the_others_keep_streaming(served):
+    servicer, server, client = served
+    scheduler = servicer.engine.scheduler
+    streams = [client.text.stream_generate("smollm2-135m", LONG, max_tokens=1000) for _ in range(3)]
+    for stream in streams:
+        for _ in range(3):
+            await asyncio.wait_for(anext(stream), 120)
+    assert scheduler.active == 3
+    await streams[0].aclose()  # cancels the RPC
+    await until(lambda: scheduler.active == 2, "the cancelled sequence left the batch")
+    await until(lambda: server.limit.in_flight == 2, "the cancelled call's slot came free")
+    for stream in streams[1:]:  # the others carry on
+        for _ in range(5):
+            piece = await asyncio.wait_for(anext(stream), 120)
+            assert not piece.finish_reason
+    for stream in streams[1:]:
+        await stream.aclose()
+    await until(lambda: scheduler.active == 0 and server.limit.in_flight == 0, "every slot came free")
+
+
+async def test_stop_sequences_max_tokens_and_seeds_hold_under_the_batcher(served):
+    _, _, client = served
+    count = [("user", "Count from 1 to 10, one number per line.")]
+    seeded = dict(max_tokens=16, temperature=1.2, top_p=0.95, seed=7)
+    seeded_alone = await client.text.generate("smollm2-135m", [("user", "Tell me a word.")], **seeded)
+    background = [client.text.stream_generate("smollm2-135m", LONG, max_tokens=1000) for _ in range(4)]
+    for stream in background:
+        await asyncio.wait_for(anext(stream), 120)
+    stopped, short, *seeds = await asyncio.gather(
+        client.text.generate("smollm2-135m", count, max_tokens=60, stop=["5"]),
+        client.text.generate("smollm2-135m", QUESTION, max_tokens=3),
+        *(client.text.generate("smollm2-135m", [("user", "Tell me a word.")], **seeded) for _ in range(3)),
+    )
+    for stream in background:
+        await stream.aclose()
+    assert stopped.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
+    assert "4" in stopped.text and "5" not in stopped.text
+    assert short.finish_reason == pb.FINISH_REASON_LENGTH and short.usage.completion_tokens == 3
+    assert [s.text for s in seeds] == [seeded_alone.text] * 3
+
+
+async def test_a_cancelled_stream_reports_the_tokens_it_produced(served):
+    _, _, client = served
+    ended: list[accounting.CallAccount] = []
+
+    class Collect:
+        def submit(self, account: accounting.CallAccount) -> None:
+            ended.append(account)
+
+    accounting.install_sink(Collect())
+    try:
+        stream = client.text.stream_generate("smollm2-135m", LONG, max_tokens=1000)
+        received = [await asyncio.wait_for(anext(stream), 120) for _ in range(6)]
+        await stream.aclose()
+        await until(lambda: len(ended) == 1, "the cancelled call's account closed")
+    finally:
+        accounting.install_sink(None)
+    account = ended[0]
+    assert account.status == "CANCELLED" and account.unit == "tokens"
+    assert account.input_units > 10
+    assert account.output_units >= len(received)

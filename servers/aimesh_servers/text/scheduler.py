@@ -25,8 +25,7 @@ from ..runtime.errors import NotReady
 
 log = logging.getLogger(__name__)
 
-# Buffer sizes grow in these steps, so a step rarely reallocates.
-_LENGTH_STEP = 128
+_LENGTH_STEP = 128  # key/value buffer lengths are multiples of this
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,10 @@ class SlotCache:
         have_length = self.keys[0].shape[2] if self.keys else 0
         if rows <= have_rows and length <= have_length:
             return
-        rows = max(rows, have_rows, 1)
-        length = max(-(-length // _LENGTH_STEP) * _LENGTH_STEP, have_length)
+        # Grown geometrically: sequences joining one by one, or growing token by token,
+        # reallocate a few times, not at every step.
+        rows = max(rows, 2 * have_rows)
+        length = max(-(-length // _LENGTH_STEP) * _LENGTH_STEP, have_length + have_length // 2)
         for buffers in (self.keys, self.values):
             for i in range(self.layers):
                 grown = torch.zeros((rows, self.shape[0], length, self.shape[1]), dtype=self.dtype)
