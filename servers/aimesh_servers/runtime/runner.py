@@ -25,6 +25,7 @@ from ..registry.discovery import Instance, LocalRegistrar, Registrar
 from . import accounting
 from .admission import Admission
 from .interceptor import AimeshServerInterceptor
+from .metrics import ServerMetrics
 from .service import Capability
 from .settings import ServerSettings
 from .usage_reporter import UsageReporter
@@ -55,6 +56,7 @@ class ModelServer:
         )
         self.instances: list[Instance] = []
         self.usage = UsageReporter(settings.usage_addr) if settings.usage_addr else None
+        self.metrics = ServerMetrics(self.limit, settings.pool) if settings.metrics_port is not None else None
         self._stopping = asyncio.Event()
 
     @property
@@ -83,6 +85,10 @@ class ModelServer:
         if self.usage is not None:
             self.usage.start()
             accounting.install_sink(self.usage)
+        metrics = ""
+        if self.metrics is not None:
+            metrics = f", metrics on :{self.metrics.serve(self.settings.host, self.settings.metrics_port)}"
+            accounting.install_sink(self.metrics)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
@@ -91,7 +97,7 @@ class ModelServer:
         self.port = self.server.add_insecure_port(address)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        announce(f"listening on {self.settings.host}:{self.port} (loading models)")
+        announce(f"listening on {self.settings.host}:{self.port}{metrics} (loading models)")
         self._register()
         started = time.monotonic()
         for cap in self.capabilities:
@@ -128,6 +134,8 @@ class ModelServer:
         if self.server is not None:
             await self.server.stop(self.settings.drain_grace_s)
         self.executor.shutdown(wait=False)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.usage is not None:  # after the last call ended: its usage goes out too
             accounting.install_sink(None)
             await self.usage.close()

@@ -39,3 +39,6 @@ class ServerSettings(BaseSettings):
     usage_addr: str | None = Field(
         None, description="the mesh's usage collector (host:port): every call's usage is reported there"
     )
+    metrics_port: int | None = Field(
+        None, description="serve Prometheus /metrics on this port (0 picks a free one, printed); unset: off"
+    )
