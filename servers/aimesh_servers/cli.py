@@ -3,6 +3,7 @@
     aimesh up                 the whole local mesh: Envoy + control + model servers
     aimesh serve CAPABILITY   one model server (text, ...)
     aimesh tenants ...        tenants and tokens of a running mesh
+    aimesh status             models, pools, endpoints and the last minute's calls
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def _up(args: argparse.Namespace) -> int:
     return run_up(args)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from .mesh.status import run_status
+
+    return run_status(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aimesh", description="A gRPC service mesh for AI models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -87,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(func=_up)
 
     add_tenants_parser(sub)
+
+    status = sub.add_parser("status", help="models, pools and endpoints of a running mesh, with the "
+                                           "last minute's calls/s, errors, p95 and fallbacks")
+    status.add_argument("--front", default="127.0.0.1:8080", help="the front door (default 127.0.0.1:8080)")
+    status.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    status.add_argument("--state-dir", default=".aimesh", help="the state dir of `aimesh up`")
+    status.add_argument("--json", action="store_true", help="one JSON object (per refresh)")
+    status.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    status.set_defaults(func=_status)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -118,6 +118,8 @@ class MeshSpec:
     route_timeout_s: int = 300
     # False: no jwt_authn and no admission (the benchmark baseline; `aimesh up --no-tenancy`).
     tenancy: bool = True
+    # /readyz is forwarded to this loopback port (status.ReadinessServer); 0: none runs.
+    readiness_port: int = 0
 
     @property
     def eds_dir(self) -> Path:
@@ -276,10 +278,46 @@ def _control_route(prefix: str, capability: str, public: bool, version: int) -> 
             "metadata": route_metadata(capability, "", public, version)}
 
 
+HEALTHZ_PATH, READYZ_PATH = "/healthz", "/readyz"
+READINESS_CLUSTER = "readiness"
+
+
+def probe_routes(spec: MeshSpec, version: int) -> list[dict[str, Any]]:
+    """Load balancers' probes, public (PUBLIC_PREFIXES): Envoy answers /healthz itself (it
+    runs); /readyz goes to the readiness server of `aimesh up` (200 when every model has a
+    healthy endpoint, else 503 naming those without one)."""
+    public = route_metadata("", "", True, version)
+    readyz: dict[str, Any] = (
+        {"route": {"cluster": READINESS_CLUSTER, "timeout": "5s"}} if spec.readiness_port else
+        {"direct_response": {"status": 503, "body": {"inline_string": "no readiness server runs\n"}}})
+    return [
+        {"match": {"prefix": HEALTHZ_PATH}, "metadata": public,
+         "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}},
+        {"match": {"prefix": READYZ_PATH}, "metadata": public, **readyz},
+    ]
+
+
+def readiness_clusters(spec: MeshSpec) -> list[dict[str, Any]]:
+    if not spec.readiness_port:
+        return []
+    return [{
+        "name": READINESS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": READINESS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": spec.readiness_port}}}}]}],
+        },
+    }]
+
+
 def routes(spec: MeshSpec, version: int = INITIAL_ADMISSION["version"]) -> list[dict[str, Any]]:
     """Every route, each with its constants and the admission state's `version` in its metadata."""
     out: list[dict[str, Any]] = [
-        *(_control_route(prefix, "", True, version) for prefix in PUBLIC_PREFIXES),
+        *probe_routes(spec, version),
+        *(_control_route(prefix, "", True, version) for prefix in PUBLIC_PREFIXES
+          if prefix not in (HEALTHZ_PATH, READYZ_PATH)),
         _control_route(TENANT_SERVICE_PREFIX, ADMIN_CAPABILITY, False, version),
         _control_route(USAGE_SERVICE_PREFIX, USAGE_CAPABILITY, False, version),
         # Servers report usage to the control plane directly; never from the front door.
@@ -463,6 +501,7 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
                 "filter_chains": [{"filters": [
                     {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
             }],
-            "clusters": [control_cluster(spec), *(model_cluster(spec, m) for m in spec.registry.models)],
+            "clusters": [control_cluster(spec), *readiness_clusters(spec),
+                         *(model_cluster(spec, m) for m in spec.registry.models)],
         },
     }

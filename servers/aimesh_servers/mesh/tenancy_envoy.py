@@ -69,6 +69,8 @@ PUBLIC_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
     "/grpc.health.v1.Health/",
     "/aimesh.registry.v1.ModelRegistryService/",
+    "/healthz",
+    "/readyz",
 )
 TENANT_SERVICE_PREFIX = "/aimesh.tenancy.v1.TenantService/"
 USAGE_SERVICE_PREFIX = "/aimesh.usage.v1.UsageService/"

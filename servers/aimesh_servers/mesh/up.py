@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ..capabilities import CAPABILITIES
 from ..control.servicer import ControlCapability, EnvoyHealth
 from ..registry.consul import ConsulDiscovery
@@ -35,6 +37,7 @@ from . import envoy_process
 from .children import terminate_with_parent
 from .controller import EndpointController
 from .envoy_config import MeshSpec
+from .status import ReadinessServer
 
 
 def say(message: str) -> None:
@@ -49,6 +52,7 @@ class ServerProc:
     proc: asyncio.subprocess.Process
     log_path: Path
     serving: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics_port: int = 0
 
     @property
     def name(self) -> str:
@@ -56,19 +60,20 @@ class ServerProc:
 
 
 async def _start_server(model: Model, pool: Pool, index: int, state: Path,
-                        consul: str | None, usage_addr: str) -> ServerProc:
+                        consul: str | None, usage_addr: str, metrics_port: int = 0) -> ServerProc:
     version = model.default
     args = [sys.executable, "-m", "aimesh_servers.cli", "serve", pool.serve, "--model", model.id,
             "--source", pool.source or version.source, "--version", version.version, "--pool", pool.id]
     registration = ({"AIMESH_CONSUL_HTTP_ADDR": consul} if consul
                     else {"AIMESH_REGISTRY_DIR": str(state / "registrations")})
     env = {**os.environ, **registration, "AIMESH_USAGE_ADDR": usage_addr,
+           "AIMESH_METRICS_PORT": str(metrics_port),
            "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **pool.env}
     log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
     proc = await asyncio.create_subprocess_exec(
         *terminate_with_parent(args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
-    return ServerProc(model, pool, index, proc, log_path)
+    return ServerProc(model, pool, index, proc, log_path, metrics_port=metrics_port)
 
 
 async def _follow(server: ServerProc) -> None:
@@ -107,6 +112,22 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _write_prometheus_config(state: Path, servers: list[ServerProc], admin_port: int) -> Path:
+    """A scrape config for Prometheus: every model server's /metrics and Envoy's stats."""
+    path = state / "prometheus.yml"
+    path.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "15s"},
+        "scrape_configs": [
+            {"job_name": "aimesh-servers", "metrics_path": "/metrics", "static_configs": [
+                {"targets": [f"127.0.0.1:{s.metrics_port}"], "labels": {"server": s.name}}
+                for s in servers]},
+            {"job_name": "envoy", "metrics_path": "/stats/prometheus",
+             "static_configs": [{"targets": [f"127.0.0.1:{admin_port}"]}]},
+        ],
+    }, sort_keys=False))
+    return path
 
 
 def _select(registry: Registry, only: list[str] | None) -> Registry:
@@ -148,6 +169,8 @@ def _banner(spec: MeshSpec, access: LocalAccess | None) -> str:
             f"  python:  aimesh.Client('{front}'{sdk_token}).text.generate('{text_model}', [('user', 'Hi!')]).text",
             f"  usage:   curl -s{auth} http://{front}/v1/usage:summary",
         ]
+    lines.append(f"  status:  aimesh status --front {front} --admin-port {spec.admin_port} --state-dir "
+                 f"{spec.state_dir}  (/healthz, /readyz; Prometheus: {spec.state_dir}/prometheus.yml)")
     lines.append(f"  logs:    {spec.state_dir}/  (Ctrl-C stops everything)")
     return "\n".join(lines)
 
@@ -169,9 +192,10 @@ async def _run(args: argparse.Namespace) -> int:
     # The control server's port goes into the Envoy config, and the tenancy plane's
     # services are served by it: bind first, build the plane, then start serving.
     control_port = _free_port()
+    readiness = ReadinessServer(registry, f"http://127.0.0.1:{args.admin_port}")
     spec = MeshSpec(registry=registry, state_dir=state, control_port=control_port,
                     port=args.port, admin_port=args.admin_port, listen_host=args.listen,
-                    tenancy=not args.no_tenancy)
+                    tenancy=not args.no_tenancy, readiness_port=readiness.port)
     if args.no_tenancy:
         say("WARNING: tenancy is OFF (--no-tenancy): every caller is served without a token or "
             "limits, and TenantService refuses everyone. Never expose this front door.")
@@ -205,12 +229,14 @@ async def _run(args: argparse.Namespace) -> int:
             for pool in model.pools:
                 for index in range(pool.replicas):
                     server = await _start_server(model, pool, index, state, args.consul,
-                                                 f"127.0.0.1:{control_port}")
+                                                 f"127.0.0.1:{control_port}", metrics_port=_free_port())
                     servers.append(server)
                     tasks.append(asyncio.create_task(_follow(server)))
         say(f"started {len(servers)} model server(s); loading models...")
         (state / "servers.json").write_text(json.dumps(
-            [{"model": s.model.id, "pool": s.pool.id, "pid": s.proc.pid} for s in servers], indent=1))
+            [{"model": s.model.id, "pool": s.pool.id, "pid": s.proc.pid, "metrics_port": s.metrics_port}
+             for s in servers], indent=1))
+        say(f"Prometheus scrape config: {_write_prometheus_config(state, servers, args.admin_port)}")
         ready = asyncio.ensure_future(_wait_routable(servers, controller, envoy_health))
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -234,6 +260,7 @@ async def _run(args: argparse.Namespace) -> int:
             task.cancel()
         await plane.close()  # every call the servers reported and Envoy logged is written
         await control.drain()
+        readiness.close()
         say("stopped")
     return 0
 
