@@ -64,7 +64,7 @@ class EnvoyHost:
         return self.state == "healthy"
 
 
-def _host_state(health: dict[str, Any]) -> str:
+def host_state(health: dict[str, Any]) -> str:
     flags = []
     if health.get("failed_active_health_check"):
         flags.append("failed_health_check")
@@ -91,7 +91,7 @@ def envoy_hosts(admin_url: str, timeout_s: float = 2.0) -> dict[str, list[EnvoyH
             hosts.append(EnvoyHost(
                 address=f"{socket['address']}:{socket['port_value']}",
                 pool=host.get("locality", {}).get("zone", ""), priority=int(host.get("priority", 0)),
-                state=_host_state(host.get("health_status", {}))))
+                state=host_state(host.get("health_status", {}))))
     return clusters
 
 
@@ -204,7 +204,7 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _recent_calls(access_log: Path, now: float) -> list[dict[str, Any]]:
+def recent_calls(access_log: Path, now: float) -> list[dict[str, Any]]:
     """The access log's lines of calls that started in the last WINDOW_S seconds."""
     try:
         with open(access_log, "rb") as log:
@@ -224,7 +224,7 @@ def _recent_calls(access_log: Path, now: float) -> list[dict[str, Any]]:
     return calls
 
 
-def _call_stats(model: ModelStatus, calls: list[dict[str, Any]]) -> None:
+def add_call_stats(model: ModelStatus, calls: list[dict[str, Any]]) -> None:
     if not calls:
         return
     first_pool = model.pools[0].id if model.pools else ""
@@ -251,7 +251,7 @@ def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:
                        for r in map(_read_json, (state_dir / "registrations").glob("*.json")) if r}
     now = time.time()
     by_cluster: dict[str, list[dict[str, Any]]] = {}
-    for call in _recent_calls(state_dir / "access.log", now):
+    for call in recent_calls(state_dir / "access.log", now):
         by_cluster.setdefault(call.get("cluster") or "", []).append(call)
 
     out: list[ModelStatus] = []
@@ -276,7 +276,7 @@ def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:
                 status.endpoints.append(EndpointStatus(f"pid {server['pid']}", state, "absent"))
             pools.append(status)
         stats = ModelStatus(model["id"], pools)
-        _call_stats(stats, by_cluster.get(f"model_{model['id']}", []))
+        add_call_stats(stats, by_cluster.get(f"model_{model['id']}", []))
         out.append(stats)
     if rows:
         with ThreadPoolExecutor(min(16, len(rows))) as pool_:
