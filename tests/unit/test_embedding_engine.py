@@ -10,11 +10,11 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
-
 from aimesh_servers.embedding.engine import EmbeddingEngine, EmbeddingLimits, EmbedRequest
 from aimesh_servers.models import builtin
+from aimesh_servers.runtime.batching import BatchSettings, DynamicBatcher
 from aimesh_servers.runtime.errors import InvalidArgument, OutOfRange
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 RELATED = ("A man is eating food.", "A man is eating a piece of bread.")
 UNRELATED = "The stock market fell sharply on Tuesday."
@@ -114,3 +114,20 @@ def test_a_module_we_cannot_run_fails_the_load(tmp_path):
     _tiny_sentence_transformer(tmp_path, {"pooling_mode_mean_tokens": True}, [*MODULES, dense])
     with pytest.raises(ValueError, match="Dense"):
         EmbeddingEngine(str(tmp_path)).load()
+
+
+def test_requests_batched_together_equal_each_alone(engine):
+    requests = [EmbedRequest([UNRELATED]), EmbedRequest(list(RELATED), normalize=True),
+                EmbedRequest(["word " * 300]), EmbedRequest(["short", "a longer one about the sea"])]
+    # Their 6 texts fill one batch of 6 (the wait is long: they surely share it).
+    batcher = DynamicBatcher(engine._embed_batch, BatchSettings(max_items=6, max_wait_ms=60_000))
+    works = [batcher.submit(r, size=len(r.texts)) for r in requests]
+    answers = [w.future.exception(60) or w.future.result() for w in works]
+    batcher.close()
+    assert batcher.stats.batches == 1
+    assert isinstance(answers[2], OutOfRange) and answers[2].field == "texts[0]"  # too long: fails alone
+    for request, answer in zip(requests, answers):
+        if request is not requests[2]:
+            alone = engine.embed(request)
+            np.testing.assert_allclose(answer.vectors, alone.vectors, atol=1e-5)
+            assert answer.tokens == alone.tokens

@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-from transformers import BlipForConditionalGeneration
-
 from aimesh_servers.runtime.errors import InvalidArgument, OutOfRange, UnsupportedMedia
 from aimesh_servers.vision.engine import DescribeRequest, VisionEngine, VisionLimits
+from transformers import BlipForConditionalGeneration
+
 from tests.images import LINES, encode, png_claiming, text_image
 
 TEXT = "\n".join(LINES)
@@ -126,3 +126,15 @@ def test_caption_prompt_length_is_limited(engine, printed):
 
 def test_installed_languages_exclude_orientation_data(ocr_only):
     assert "eng" in ocr_only.ocr_languages and "osd" not in ocr_only.ocr_languages
+
+
+def test_a_batch_captions_like_each_image_alone_and_cancel_stops_only_its_row(engine):
+    images = [text_image()[0].rotate(angle, fillcolor="white") for angle in (0, 5, 10)]
+    alone = [engine._captions([image], "", [threading.Event()])[0] for image in images]
+    assert engine._captions(images, "", [threading.Event() for _ in images]) == alone
+    cancels = [threading.Event() for _ in images]
+    cancels[1].set()
+    cut = engine._captions(images, "", cancels)
+    assert cut[0] == alone[0] and cut[2] == alone[2]
+    tokens = engine.processor.tokenizer
+    assert len(tokens(cut[1])["input_ids"]) < len(tokens(alone[1])["input_ids"])
