@@ -27,7 +27,9 @@ LONG = [("user", "Write a very long story about a dragon.")]
 
 @contextlib.asynccontextmanager
 async def text_server(max_batch: int, **settings: object) -> AsyncIterator[tuple[object, object, aimesh.AsyncClient]]:
-    engine = TextEngine(text.DEFAULT_MODEL.source, settings=TextSettings(max_batch=max_batch))
+    # One torch thread: on a loaded test machine two spin-waiting OpenMP threads make
+    # every decode step several times slower.
+    engine = TextEngine(text.DEFAULT_MODEL.source, threads=1, settings=TextSettings(max_batch=max_batch))
     servicer = TextGenerationServicer(text.DEFAULT_MODEL, engine, "local")
     async with in_process_server([servicer], **settings) as (server, _):
         client = aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1, timeout=300)
