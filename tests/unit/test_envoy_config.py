@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 
 import yaml
-
 from aimesh_servers.mesh.controller import EndpointController, load_assignment
 from aimesh_servers.mesh.envoy_config import MeshSpec, bootstrap, routes
 from aimesh_servers.mesh.envoy_process import envoy_binary, write_config
 from aimesh_servers.registry.discovery import Instance
 from aimesh_servers.registry.schema import load_registry
+
 from tests.unit.test_registry_schema import GOOD, write
 
 
@@ -96,8 +96,20 @@ def test_each_attempt_has_per_capability_timeouts_and_a_timeout_is_retried(tmp_p
         timeouts = TRY_TIMEOUTS[model.capability]
         assert policy["per_try_timeout"] == f"{timeouts.first_byte_s:g}s"
         assert policy["per_try_idle_timeout"] == f"{timeouts.idle_s:g}s"
-        assert "reset" in policy["retry_on"].split(",")  # a per-try timeout is a reset
+        assert route["route"]["hedge_policy"] == {"hedge_on_per_try_timeout": True}
+        assert timeouts.idle_s > timeouts.first_byte_s  # idle resets: never before a hedge
         seen.add(model.capability)
     assert seen == set(Capability)
     text, image = TRY_TIMEOUTS[Capability.TEXT_GENERATION], TRY_TIMEOUTS[Capability.IMAGE_GENERATION]
     assert text.first_byte_s < image.first_byte_s
+
+
+def test_only_gateway_failures_eject_a_host(tmp_path):
+    from aimesh_servers.mesh.envoy_config import model_cluster
+
+    spec = MeshSpec(registry=load_registry(), state_dir=tmp_path, control_port=1)
+    outlier = model_cluster(spec, spec.registry.models[0])["outlier_detection"]
+    # INTERNAL (an input the engine cannot process) never ejects; UNAVAILABLE, refused
+    # connections and timeouts do.
+    assert outlier["enforcing_consecutive_5xx"] == 0 and outlier["enforcing_success_rate"] == 0
+    assert outlier["enforcing_consecutive_gateway_failure"] == 100

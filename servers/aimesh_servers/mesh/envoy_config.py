@@ -61,22 +61,25 @@ RETRY_ON = "unavailable,cancelled,resource-exhausted,connect-failure,refused-str
 @dataclass(frozen=True)
 class TryTimeouts:
     first_byte_s: float  # per_try_timeout: until the server's first message (its headers)
-    idle_s: float  # per_try_idle_timeout: between two messages of a stream
+    idle_s: float  # per_try_idle_timeout: between two messages (and before the first)
 
 
-# How long one attempt may go without an answer before Envoy gives up on that server and
-# retries the call on the next pool (a hung server then costs one timeout, not the
-# caller's deadline). First byte = the server's queue for a slot (AIMESH_QUEUE_TIMEOUT_S,
-# 2 s) + the engine's first output on a loaded 2-core machine. Text, embeddings, speech
-# synthesis and OCR answer (or send their first piece) in well under a second; one
-# diffusion step or a whole audio file transcribed in one go can take tens of seconds.
+# How long one attempt may go without an answer before Envoy tries the next pool too.
+# First byte = the server's queue for a slot (AIMESH_QUEUE_TIMEOUT_S, 2 s) + the engine's
+# first output on a loaded 2-core machine: text, embeddings, speech synthesis and OCR
+# answer (or send their first piece) in well under a second when idle; one diffusion step
+# or a whole audio file transcribed in one go takes tens of seconds. Reaching it hedges
+# (the slow attempt keeps running and the first answer wins), so a slow server costs
+# nothing and a hung one costs this timeout. The idle timeout resets the attempt: it ends
+# a stream whose server stopped mid-way (the caller has part of the answer, so it cannot
+# be retried) long before the caller's deadline, and is sized well above the first byte.
 TRY_TIMEOUTS: dict[Capability, TryTimeouts] = {
-    Capability.TEXT_GENERATION: TryTimeouts(first_byte_s=6, idle_s=6),
-    Capability.EMBEDDING: TryTimeouts(first_byte_s=6, idle_s=6),
-    Capability.TEXT_TO_SPEECH: TryTimeouts(first_byte_s=8, idle_s=8),
-    Capability.IMAGE_TO_TEXT: TryTimeouts(first_byte_s=10, idle_s=10),
-    Capability.IMAGE_GENERATION: TryTimeouts(first_byte_s=30, idle_s=30),
-    Capability.SPEECH_TO_TEXT: TryTimeouts(first_byte_s=30, idle_s=30),
+    Capability.TEXT_GENERATION: TryTimeouts(first_byte_s=8, idle_s=30),
+    Capability.EMBEDDING: TryTimeouts(first_byte_s=8, idle_s=30),
+    Capability.TEXT_TO_SPEECH: TryTimeouts(first_byte_s=10, idle_s=30),
+    Capability.IMAGE_TO_TEXT: TryTimeouts(first_byte_s=15, idle_s=30),
+    Capability.IMAGE_GENERATION: TryTimeouts(first_byte_s=30, idle_s=120),
+    Capability.SPEECH_TO_TEXT: TryTimeouts(first_byte_s=30, idle_s=120),
 }
 
 # One JSON line per call; the usage collector tails it (joined with the servers' reports on
@@ -186,7 +189,15 @@ def model_cluster(spec: MeshSpec, model: Model) -> dict[str, Any]:
         "ignore_health_on_host_removal": True,
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},  # never route to known-bad hosts
         "outlier_detection": {
+            # Only gateway failures eject: UNAVAILABLE / DEADLINE_EXCEEDED answers (503/504),
+            # refused connections, resets and timeouts, i.e. a server that fails whatever it
+            # is sent. INTERNAL (500) is what an input the engine cannot process gets: a
+            # caller repeating such an input must not eject every host of a pool, so 5xx
+            # are counted but never enforced. A whole pool may still be ejected (100%):
+            # that is how a dead pool hands its calls to the next one of the chain.
             "consecutive_5xx": 3,
+            "enforcing_consecutive_5xx": 0,
+            "enforcing_success_rate": 0,
             "consecutive_gateway_failure": 3,
             "enforcing_consecutive_gateway_failure": 100,
             "interval": "0.5s",
@@ -223,10 +234,9 @@ def _retry_policy(capability: Capability) -> dict[str, Any]:
     """At most 3 attempts per call, Envoy's and the SDK's together: Envoy retries a call's
     first attempt once (onto the next pool), and never an attempt that is itself a
     client's retry (gRPC marks those with `grpc-previous-rpc-attempts`); the SDK makes at
-    most 2 attempts (aimesh.client.transport.MAX_ATTEMPTS). So 2 + 1 = 3. An attempt that
-    times out (TRY_TIMEOUTS) is a `reset` and is retried like a refused connection; an idle
-    timeout after the first message cannot be retried (the caller has part of the answer)
-    and ends the stream."""
+    most 2 attempts (aimesh.client.transport.MAX_ATTEMPTS). So 2 + 1 = 3. An attempt past
+    its first-byte timeout (TRY_TIMEOUTS) is hedged onto the next pool (see the route's
+    hedge_policy)."""
     timeouts = TRY_TIMEOUTS[capability]
     return {
         "retry_on": RETRY_ON,
@@ -268,6 +278,7 @@ def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool,
             # A gRPC caller's own deadline (grpc-timeout) applies, capped by the route timeout.
             "max_stream_duration": {"grpc_timeout_header_max": _duration(spec.route_timeout_s)},
             "retry_policy": _retry_policy(model.capability),
+            "hedge_policy": {"hedge_on_per_try_timeout": True},
         },
         "metadata": route_metadata(SERVICE_CAPABILITY.get(service, ""), model.id, False, version),
     }

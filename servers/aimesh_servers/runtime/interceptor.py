@@ -4,7 +4,8 @@ It (1) parses request bytes itself, so that bytes that do not decode get
 INVALID_ARGUMENT instead of grpc-python's UNKNOWN "Unexpected DecodeError";
 (2) admits calls into slots (`Admission`): a call over capacity queues within its
 deadline or gets RESOURCE_EXHAUSTED with RetryInfo at once, before any byte of an
-answer; (3) maps domain errors (AimeshError) to status + ErrorInfo; (4) keeps the
+answer; (3) maps domain errors (AimeshError) to status + ErrorInfo, and any other exception
+to INTERNAL with an incident id (the traceback only in the server log); (4) keeps the
 account of every admitted call (runtime.accounting). Health and reflection calls pass
 through untouched.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
@@ -118,9 +120,11 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             elif isinstance(exc, (grpc.aio.AbortError, grpc.aio.UsageError)):
                 code = context.code()
                 outcome.set(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN)
-            else:  # a bug or engine crash: still a clean status
-                log.exception("%s failed", method, exc_info=exc)
-                failure = EngineFailure(f"{method} failed: {exc}")
+            else:  # a bug or an engine crash: a clean status; what failed stays in our log
+                incident = uuid.uuid4().hex[:16]
+                log.error("%s failed, incident %s", method, incident, exc_info=exc)
+                failure = EngineFailure(f"{method} failed with an internal error (incident {incident})",
+                                        metadata={"incident_id": incident})
                 outcome.set(failure.code, failure.reason_name)
                 await self._abort(context, failure, method)
 
