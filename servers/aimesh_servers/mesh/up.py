@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +91,51 @@ async def _follow(server: ServerProc) -> None:
                 if " serving " in text:
                     server.serving.set()
     say(f"{server.name}: exited with {await server.proc.wait()} (log: {server.log_path})")
+
+
+# A server that crashes this often within this window is in a crash loop: it stays down.
+CRASH_LOOP_CRASHES = 5
+CRASH_LOOP_WINDOW_S = 60.0
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+async def _supervise(server: ServerProc, restart: Callable[[], Awaitable[ServerProc]],
+                     stop: asyncio.Event, restarted: Callable[[], None]) -> None:
+    """Follows a server and restarts it, with backoff (1, 2, 4... s), each time it dies by a
+    crash (a non-zero exit or a signal; a drained server exits 0). The new process
+    registers itself on a new port and the endpoint controller hands it to Envoy, so it
+    rejoins routing without an Envoy restart. After CRASH_LOOP_CRASHES crashes within
+    CRASH_LOOP_WINDOW_S it gives up and prints the last lines of the server's log."""
+    loop = asyncio.get_running_loop()
+    crashes: list[float] = []
+    while True:
+        await _follow(server)
+        code = server.proc.returncode
+        if stop.is_set() or code == 0:
+            return
+        now = loop.time()
+        crashes = [t for t in crashes if now - t < CRASH_LOOP_WINDOW_S] + [now]
+        if len(crashes) >= CRASH_LOOP_CRASHES:
+            say(f"{server.name}: crashed {len(crashes)} times in {CRASH_LOOP_WINDOW_S:.0f}s: "
+                f"not restarting it again. Last lines of {server.log_path}:")
+            for line in _last_lines(server.log_path, 20):
+                say(f"  | {line}")
+            return
+        delay = min(2.0 ** (len(crashes) - 1), RESTART_BACKOFF_MAX_S)
+        say(f"{server.name}: crashed (exit {code}); restarting in {delay:g}s "
+            f"(crash {len(crashes)} of {CRASH_LOOP_CRASHES} allowed in {CRASH_LOOP_WINDOW_S:.0f}s)")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+            return
+        server.proc = (await restart()).proc
+        say(f"{server.name}: restarted (pid {server.proc.pid})")
+        restarted()
+
+
+def _last_lines(path: Path, count: int) -> list[str]:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace").splitlines()[-count:]
+    return []
 
 
 async def _wait_routable(servers: list[ServerProc], controller: EndpointController,
@@ -225,17 +272,25 @@ async def _run(args: argparse.Namespace) -> int:
         if args.consul:
             say(f"discovery: Consul at {args.consul} (passing instances of every model server)")
         tasks.append(asyncio.create_task(controller.run(discovery)))
+
+        def write_servers() -> None:
+            (state / "servers.json").write_text(json.dumps(
+                [{"model": s.model.id, "pool": s.pool.id, "pid": s.proc.pid, "metrics_port": s.metrics_port}
+                 for s in servers], indent=1))
+
         for model in registry.models:
             for pool in model.pools:
                 for index in range(pool.replicas):
                     server = await _start_server(model, pool, index, state, args.consul,
                                                  f"127.0.0.1:{control_port}", metrics_port=_free_port())
                     servers.append(server)
-                    tasks.append(asyncio.create_task(_follow(server)))
+                    restart = functools.partial(
+                        _start_server, model, pool, index, state, args.consul,
+                        f"127.0.0.1:{control_port}", metrics_port=server.metrics_port)
+                    tasks.append(asyncio.create_task(_supervise(server, restart, stop, write_servers)))
+
         say(f"started {len(servers)} model server(s); loading models...")
-        (state / "servers.json").write_text(json.dumps(
-            [{"model": s.model.id, "pool": s.pool.id, "pid": s.proc.pid, "metrics_port": s.metrics_port}
-             for s in servers], indent=1))
+        write_servers()
         say(f"Prometheus scrape config: {_write_prometheus_config(state, servers, args.admin_port)}")
         ready = asyncio.ensure_future(_wait_routable(servers, controller, envoy_health))
         waiter = asyncio.create_task(stop.wait())
@@ -244,6 +299,7 @@ async def _run(args: argparse.Namespace) -> int:
             say(_banner(spec, access))
         await stop.wait()
     finally:
+        stop.set()  # supervisors restart nothing from here on
         say("shutting down: draining model servers")
         for server in servers:
             if server.proc.returncode is None:
