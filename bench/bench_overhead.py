@@ -1,7 +1,9 @@
 """What the front door costs: the same cheap unary call (an embedding of one short
 text) straight to the model server, through a bare Envoy with one plain route to that
 server, and through aimesh's Envoy (`aimesh up --only embedding`), at 1 and 16 callers.
-Targets take turns, round after round; figures are the median round.
+Targets take turns, round after round; figures are the median round. CPU time per call
+of Envoy, the model server and `aimesh up` (control server, usage collector) is counted
+too: on a busy machine it varies far less than latency does.
 
 Goals: aimesh's Envoy adds at most 1.5x the p50 latency the bare Envoy adds (1 caller),
 and keeps >= 0.8x the direct calls/s at 16 callers.
@@ -261,15 +263,16 @@ async def main(args: argparse.Namespace) -> None:
                 envoy_pid = int(mesh.wait_line(r"envoy listening on .* \(pid (\d+)\)").group(1))
                 token = (("authorization", f"Bearer {bench_tenant(mesh)}"),) if variant.tenancy else ()
                 direct = "direct" if n == 0 else f"direct ({variant.name}'s server)"
-                targets.append(Target(direct, server, direct, pids={"server": server_pid}))
+                # `aimesh up` itself (control server, usage collector) works per call too, on either route.
+                targets.append(Target(direct, server, direct, pids={"server": server_pid, "mesh": mesh.proc.pid}))
                 if n == 0:
                     first_server_pid = server_pid
                     bare = Envoy(bare_envoy_config(server, 0, 0), folder, "bare")
                     envoys.append(bare)
                     targets.append(Target("bare envoy", bare.address, direct,
-                                          pids={"envoy": bare.proc.pid, "server": server_pid}))
+                                          pids={"envoy": bare.proc.pid, "server": server_pid, "mesh": mesh.proc.pid}))
                 targets.append(Target(variant.name, mesh.front, direct, token,
-                                      pids={"envoy": envoy_pid, "server": server_pid}))
+                                      pids={"envoy": envoy_pid, "server": server_pid, "mesh": mesh.proc.pid}))
             if args.dissect:
                 generated = yaml.safe_load((meshes[0].state_dir / "envoy.yaml").read_text())
                 for k, (name, edit) in enumerate(DISSECT.items()):
@@ -278,7 +281,8 @@ async def main(args: argparse.Namespace) -> None:
                     envoy = Envoy(config, folder, f"dissect{k}")
                     envoys.append(envoy)
                     targets.append(Target(f"dissect: {name}", envoy.address, "direct",
-                                          pids={"envoy": envoy.proc.pid, "server": first_server_pid}))
+                                          pids={"envoy": envoy.proc.pid, "server": first_server_pid,
+                                                "mesh": meshes[0].proc.pid}))
             for target in targets:
                 await wait_routable(target.address, target.metadata)
             results, cpu = await measure(targets, seconds, rounds)
@@ -292,7 +296,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"embedding of one short text, unary gRPC, closed loop, {seconds:g} s a run, median of {rounds} rounds "
           f"(targets take turns)")
     print(f"  {'target':48s} {'callers':>7s} {'p50 ms':>8s} {'added ms':>9s} {'calls/s':>9s} {'x direct':>9s} "
-          f"{'envoy CPU us/call':>17s} {'server CPU us/call':>18s}  errors")
+          f"{'CPU us/call: envoy':>18s} {'server':>7s} {'aimesh up':>9s}  errors")
     for target in targets:
         rows[target.name] = {}
         for callers in CALLERS:
@@ -311,7 +315,7 @@ async def main(args: argparse.Namespace) -> None:
                                           "rounds": [r.summary() for r in runs]}
             envoy_cpu = f"{cpu_us['envoy']:.0f}" if "envoy" in cpu_us else "-"
             print(f"  {target.name:48s} {callers:7d} {p50:8.2f} {added:9.2f} {rate:9.1f} {ratio:9.2f} "
-                  f"{envoy_cpu:>17s} {cpu_us.get('server', 0):18.0f}  {errors or ''}")
+                  f"{envoy_cpu:>18s} {cpu_us.get('server', 0):7.0f} {cpu_us.get('mesh', 0):9.0f}  {errors or ''}")
 
     bare_added = rows["bare envoy"][1]["added_p50_ms"]
     goals = []
