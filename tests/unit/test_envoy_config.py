@@ -113,3 +113,15 @@ def test_only_gateway_failures_eject_a_host(tmp_path):
     # connections and timeouts do.
     assert outlier["enforcing_consecutive_5xx"] == 0 and outlier["enforcing_success_rate"] == 0
     assert outlier["enforcing_consecutive_gateway_failure"] == 100
+
+
+def test_the_front_door_drops_every_router_control_header_of_a_caller(tmp_path):
+    from aimesh_servers.mesh.envoy_config import ENVOY_CONTROL_HEADERS, http_filters
+
+    spec = MeshSpec(registry=load_registry(), state_dir=tmp_path, control_port=1)
+    mutation = http_filters(spec, [])[0]["typed_config"]["mutations"]["request_mutations"]
+    removed = {m["remove"] for m in mutation}
+    assert {"x-envoy-max-retries", "x-envoy-retry-on", "x-envoy-upstream-rq-timeout-ms"} <= removed
+    assert set(ENVOY_CONTROL_HEADERS) <= removed
+    hcm = bootstrap(spec, [])["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    assert hcm["typed_config"]["http2_protocol_options"]["max_concurrent_streams"] == 128

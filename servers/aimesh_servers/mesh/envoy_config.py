@@ -362,11 +362,29 @@ def route_configuration(spec: MeshSpec, admission: dict[str, Any]) -> dict[str, 
     }
 
 
+# Headers by which a request steers Envoy's router (timeouts, retries, hedging, stats,
+# tracing). `use_remote_address` makes Envoy drop them from callers it deems external,
+# but which addresses are internal has changed between Envoy versions (RFC 1918 and
+# loopback used to be): the front door drops them from every caller itself.
+ENVOY_CONTROL_HEADERS = (
+    "x-envoy-max-retries", "x-envoy-retry-on", "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names",
+    "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms", "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-is-timeout-retry", "x-envoy-attempt-count", "x-envoy-upstream-alt-stat-name",
+    "x-envoy-force-trace", "x-envoy-ip-tags", "x-envoy-decorator-operation",
+    "x-envoy-internal", "x-envoy-external-address", "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node", "x-envoy-immediate-health-check-fail",
+)
+
+
 def http_filters(spec: MeshSpec, services: list[str]) -> list[dict[str, Any]]:
     return [
         {"name": "envoy.filters.http.header_mutation", "typed_config": _typed(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            mutations={"request_mutations": [{"remove": h} for h in INTERNAL_HEADERS]})},
+            mutations={"request_mutations": [
+                {"remove": h} for h in (*INTERNAL_HEADERS, *ENVOY_CONTROL_HEADERS)]})},
         {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": _typed(
             "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
             proto_descriptor=str(spec.descriptor_path),
@@ -494,6 +512,10 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
         # usage records join on it).
         use_remote_address=True,
         xff_num_trusted_hops=0,
+        # A caller's streams and headers are bounded (gRPC bodies are bounded by each
+        # server's message size limit).
+        http2_protocol_options={"max_concurrent_streams": 128},
+        max_request_headers_kb=32,
         access_log=[{"name": "envoy.access_loggers.file", "typed_config": _typed(
             "envoy.extensions.access_loggers.file.v3.FileAccessLog",
             path=str(spec.state_dir / "access.log"),
