@@ -8,10 +8,9 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
+import aimesh
 import grpc
 import pytest
-
-import aimesh
 from aimesh.text.v1 import text_generation_pb2 as pb
 from aimesh.text.v1 import text_generation_pb2_grpc as pb_grpc
 from aimesh_servers import text
@@ -19,6 +18,7 @@ from aimesh_servers.runtime import accounting
 from aimesh_servers.text.engine import TextEngine
 from aimesh_servers.text.servicer import TextGenerationServicer
 from aimesh_servers.text.settings import TextSettings
+
 from tests.servers import in_process_server
 
 QUESTION = [("user", "What is the capital of France? Answer in one sentence.")]
@@ -206,8 +206,8 @@ PROMPTS = [
 def call_kwargs(i: int) -> dict[str, object]:
     """Greedy for even i, seeded sampling (a different seed each) for odd i."""
     if i % 2 == 0:
-        return dict(max_tokens=12)
-    return dict(max_tokens=12, temperature=0.9, top_p=0.95, seed=100 + i)
+        return {"max_tokens": 12}
+    return {"max_tokens": 12, "temperature": 0.9, "top_p": 0.95, "seed": 100 + i}
 
 
 async def answer(client: aimesh.AsyncClient, prompt: str, **kwargs: object) -> tuple[str, int]:
@@ -261,7 +261,7 @@ async def test_a_cancelled_stream_frees_its_slot_while_the_others_keep_streaming
 async def test_stop_sequences_max_tokens_and_seeds_hold_under_the_batcher(served):
     _, _, client = served
     count = [("user", "Count from 1 to 10, one number per line.")]
-    seeded = dict(max_tokens=16, temperature=1.2, top_p=0.95, seed=7)
+    seeded = {"max_tokens": 16, "temperature": 1.2, "top_p": 0.95, "seed": 7}
     seeded_alone = await client.text.generate("smollm2-135m", [("user", "Tell me a word.")], **seeded)
     background = [client.text.stream_generate("smollm2-135m", LONG, max_tokens=1000) for _ in range(4)]
     for stream in background:

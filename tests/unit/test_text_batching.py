@@ -7,12 +7,11 @@ import threading
 import time
 
 import pytest
-from transformers import AutoTokenizer
-
 from aimesh_servers.models import builtin
 from aimesh_servers.text.engine import TextAssembler, TextEngine
 from aimesh_servers.text.request import GenerationChunk, GenerationRequest
 from aimesh_servers.text.settings import TextSettings
+from transformers import AutoTokenizer
 
 SOURCE = "builtin:smollm2-135m-instruct"
 

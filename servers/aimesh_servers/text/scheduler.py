@@ -153,7 +153,7 @@ class SlotCache:
 def _send(seq: Sequence, event: int | Finished) -> None:
     try:
         seq.emit(event)
-    except Exception:  # its consumer is gone (a closed event loop): stop working for it
+    except Exception:  # noqa: BLE001 - its consumer is gone (a closed event loop): stop working for it
         seq.cancel.set()
 
 
@@ -214,7 +214,7 @@ class BatchScheduler:
     def submit(self, seq: Sequence) -> None:
         with self._wake:
             if self._stopping:
-                raise RuntimeError("the text scheduler has stopped")
+                raise NotReady("the text engine has stopped")
             self._waiting.append(seq)
             self._wake.notify()
 
@@ -224,6 +224,16 @@ class BatchScheduler:
         return len(self._prefilling) + len(self._running)
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except Exception:  # every caller is answered below: none waits forever
+            log.exception("the text scheduler failed")
+        with self._wake:
+            self._stopping = True
+        for seq in [*self._waiting, *self._prefilling, *self._running]:
+            _send(seq, Finished("error", NotReady("the text engine has stopped")))
+
+    def _steps(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:
@@ -241,8 +251,6 @@ class BatchScheduler:
                         _send(seq, Finished("cancelled"))
                 self._guarded(self._prefilling, self._prefill_some)
                 self._guarded(self._running, self._decode_step)
-        for seq in [*self._waiting, *self._prefilling, *self._running]:
-            _send(seq, Finished("error", NotReady("the text engine has stopped")))
 
     def _guarded(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
         """Runs `work`; if it fails, the sequences it was working on end with the error
@@ -289,9 +297,9 @@ class BatchScheduler:
                 budget -= size
             if seq.prefilled < len(seq.prompt):
                 return  # budget spent: the rest of this prompt goes after the next decode step
+            self.cache.add(seq.prefill_cache, len(seq.prompt))
             self._prefilling.remove(seq)
             self._running.append(seq)
-            self.cache.add(seq.prefill_cache, len(seq.prompt))
             seq.prefill_cache = None
             self._advance(seq, pick_tokens(logits, [seq])[0])
 
