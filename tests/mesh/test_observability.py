@@ -1,25 +1,28 @@
 """Observability of a real mesh (tenancy on): a real Prometheus scrapes the servers'
 /metrics and Envoy's stats from the config `aimesh up` writes; /healthz and /readyz
-answer load balancers without a token; `aimesh status` sees an endpoint up, then down
-once its server is SIGKILLed (and /readyz turns 503)."""
+answer load balancers without a token; `aimesh status` sees an endpoint up, not up once
+its server is SIGKILLed (and /readyz turns 503), and up again once `aimesh up` restarted
+it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aimesh
 import httpx
 import pytest
 import yaml
 
-import aimesh
 from tests.mesh.conftest import Mesh, free_port
 
 MODEL = "all-minilm-l6-v2"
@@ -116,6 +119,40 @@ def test_prometheus_counts_the_calls_by_model_and_pool(mesh: Mesh, prometheus: s
     assert query(prometheus, f'envoy_cluster_upstream_rq_total{{envoy_cluster_name="model_{MODEL}"}}')
 
 
+class StatusWatch:
+    """`aimesh status --json --watch` as a subprocess: every snapshot it prints, kept."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aimesh_servers.cli", "status", "--json", "--watch", "--front",
+             mesh.front, "--admin-port", str(mesh.admin_port), "--state-dir", str(mesh.state_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        self.snapshots: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):  # an error line: the next refresh tries again
+                (model,) = [m for m in json.loads(line)["models"] if m["id"] == MODEL]
+                self.snapshots.append(model)
+
+    def first_since(self, start: int, condition: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        return poll(lambda: next((m for m in self.snapshots[start:] if condition(m)), None), what)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def states(model: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(e["state"], e["envoy"]) for e in endpoints(model)]
+
+
 def test_probes_and_status_follow_a_killed_server(mesh: Mesh):
     front = f"http://{mesh.front}"
     # No token on either probe, with tenancy on.
@@ -127,27 +164,33 @@ def test_probes_and_status_follow_a_killed_server(mesh: Mesh):
 
     def up_and_counted() -> dict[str, Any] | None:
         model = status(mesh)
-        states = [(e["state"], e["envoy"]) for e in endpoints(model)]
-        return model if states == [("up", "healthy")] and model["calls"] >= 1 else None
+        return model if states(model) == [("up", "healthy")] and model["calls"] >= 1 else None
 
     model = poll(up_and_counted, "status: the endpoint up and healthy, the call counted")
     assert [p["id"] for p in model["pools"]] == ["local"]
     assert model["error_rate"] == 0 and model["fallback_rate"] == 0 and model["p95_ms"] is not None
 
-    (server,) = json.loads((mesh.state_dir / "servers.json").read_text())
-    os.kill(server["pid"], signal.SIGKILL)
+    watch = StatusWatch(mesh)
+    try:
+        watch.first_since(0, lambda m: states(m) == [("up", "healthy")], "watch: the endpoint up")
+        killed_at = len(watch.snapshots)
+        (server,) = json.loads((mesh.state_dir / "servers.json").read_text())
+        os.kill(server["pid"], signal.SIGKILL)
 
-    def down() -> dict[str, Any] | None:
-        model = status(mesh)
-        states = {e["state"] for e in endpoints(model)}
-        return model if "down" in states and "up" not in states else None
+        def not_ready() -> dict[str, Any] | None:
+            reply = httpx.get(f"{front}/readyz", timeout=10)
+            return reply.json() if reply.status_code == 503 else None
 
-    poll(down, "status: the killed server down")
-
-    def not_ready() -> dict[str, Any] | None:
-        reply = httpx.get(f"{front}/readyz", timeout=10)
-        return reply.json() if reply.status_code == 503 else None
-
-    body = poll(not_ready, "readyz 503")
-    assert body["models_without_healthy_endpoint"] == [MODEL]
-    assert httpx.get(f"{front}/healthz", timeout=10).status_code == 200  # Envoy still runs
+        body = poll(not_ready, "readyz 503", interval=0.1)
+        assert body["models_without_healthy_endpoint"] == [MODEL]
+        assert httpx.get(f"{front}/healthz", timeout=10).status_code == 200  # Envoy still runs
+        # aimesh up restarts a crashed server (1 s backoff, then it loads): until then the
+        # pool has no endpoint up; the dead process shows as down, its successor as starting.
+        watch.first_since(killed_at, lambda m: all(s != "up" for s, _ in states(m)),
+                          "watch: no endpoint up after the SIGKILL")
+        # And status follows the restarted server back.
+        watch.first_since(killed_at, lambda m: ("up", "healthy") in states(m) and all(
+            e["address"] != f"pid {server['pid']}" for e in endpoints(m)), "watch: up again")
+        poll(lambda: httpx.get(f"{front}/readyz", timeout=10).status_code == 200, "readyz 200 again")
+    finally:
+        watch.stop()

@@ -40,6 +40,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ..registry.discovery import _alive
 from ..registry.schema import Registry
 from ..tenancy.collector import _edge_status
 
@@ -187,16 +188,6 @@ def _probe(address: str) -> str:
     return "up" if reply.status == health_pb2.HealthCheckResponse.SERVING else "not_serving"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -255,7 +246,7 @@ def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:
         by_cluster.setdefault(call.get("cluster") or "", []).append(call)
 
     out: list[ModelStatus] = []
-    rows: list[tuple[EndpointStatus, str]] = []  # (row, address to probe)
+    probed: list[EndpointStatus] = []
     for model in models:
         hosts = clusters.get(f"model_{model['id']}", [])
         pools = []
@@ -266,7 +257,7 @@ def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:
             for address in addresses:
                 row = EndpointStatus(address, "down", in_envoy.get(address, "absent"))
                 status.endpoints.append(row)
-                rows.append((row, address))
+                probed.append(row)
             known_pids = {registered_pids.get(a) for a in addresses}
             for server in started:
                 if (server.get("model"), server.get("pool")) != (model["id"], pool["id"]) \
@@ -278,9 +269,9 @@ def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:
         stats = ModelStatus(model["id"], pools)
         add_call_stats(stats, by_cluster.get(f"model_{model['id']}", []))
         out.append(stats)
-    if rows:
-        with ThreadPoolExecutor(min(16, len(rows))) as pool_:
-            for (row, _), state in zip(rows, pool_.map(_probe, [a for _, a in rows])):
+    if probed:
+        with ThreadPoolExecutor(min(16, len(probed))) as probes:
+            for row, state in zip(probed, probes.map(_probe, [r.address for r in probed])):
                 row.state = state
     return out
 
