@@ -72,12 +72,13 @@ class TryTimeouts:
 # (the slow attempt keeps running and the first answer wins), so a slow server costs
 # nothing and a hung one costs this timeout. The idle timeout resets the attempt: it ends
 # a stream whose server stopped mid-way (the caller has part of the answer, so it cannot
-# be retried) long before the caller's deadline, and is sized well above the first byte.
+# be retried) long before the route's timeout, and is sized well above the first byte:
+# it also runs before the first message, where it must not cut a slow live server.
 TRY_TIMEOUTS: dict[Capability, TryTimeouts] = {
-    Capability.TEXT_GENERATION: TryTimeouts(first_byte_s=8, idle_s=30),
-    Capability.EMBEDDING: TryTimeouts(first_byte_s=8, idle_s=30),
-    Capability.TEXT_TO_SPEECH: TryTimeouts(first_byte_s=10, idle_s=30),
-    Capability.IMAGE_TO_TEXT: TryTimeouts(first_byte_s=15, idle_s=30),
+    Capability.TEXT_GENERATION: TryTimeouts(first_byte_s=8, idle_s=60),
+    Capability.EMBEDDING: TryTimeouts(first_byte_s=8, idle_s=60),
+    Capability.TEXT_TO_SPEECH: TryTimeouts(first_byte_s=10, idle_s=60),
+    Capability.IMAGE_TO_TEXT: TryTimeouts(first_byte_s=15, idle_s=60),
     Capability.IMAGE_GENERATION: TryTimeouts(first_byte_s=30, idle_s=120),
     Capability.SPEECH_TO_TEXT: TryTimeouts(first_byte_s=30, idle_s=120),
 }
