@@ -292,6 +292,9 @@ local function refuse(h, r)
     status = status .. bytes_field(3, any("RetryInfo", bytes_field(1, varint(8) .. varint(retry_s))))
   end
   headers["grpc-status"] = tostring(r.code)
+  -- gRPC clients must not retry a tenant's refusal on their own (the SDK's service config
+  -- retries RESOURCE_EXHAUSTED from busy servers): the caller decides, with RetryInfo.
+  headers["grpc-retry-pushback-ms"] = "-1"
   headers["grpc-status-details-bin"] = (string.gsub(h:base64Escape(status), "=+$", ""))
   h:respond(headers, r.message)
 end
