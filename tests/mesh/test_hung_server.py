@@ -8,11 +8,13 @@ are hedged onto the secondary; Envoy then ejects the primary. Run with -s for fi
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
 import aimesh
 import pytest
+from aimesh_servers.control.servicer import EnvoyHealth
 
 from tests.mesh.test_fallback import HI, Load, Result, chain, start, summary, wait_routed  # noqa: F401
 
@@ -58,7 +60,12 @@ def test_sigstop_of_the_primary_under_load_loses_no_call(chain):  # noqa: F811
             results = load.finish()
         finally:
             primary.terminate(signal.SIGCONT)
-        wait_routed(chain, "primary", timeout=60)  # thawed, it is routed to again
+        # Thawed, it passes Envoy's health checks again.
+        health = EnvoyHealth(f"http://127.0.0.1:{chain.admin_port}")
+        while f"127.0.0.1:{primary.port}" not in (asyncio.run(health.healthy_endpoints()) or {}).get(
+                "model_chat", ()):
+            assert time.monotonic() < deadline + 600, "the thawed primary never became healthy"
+            time.sleep(0.2)
     finally:
         primary.stop()
         secondary.stop()
