@@ -266,9 +266,9 @@ class BatchScheduler:
 
     def _leave(self, seq: Sequence, finished: Finished) -> None:
         if seq in self._running:
-            self.cache.remove(self._running.index(seq))
-            # The cache moved its last row into the freed one: keep the same order here.
             index = self._running.index(seq)
+            self.cache.remove(index)
+            # The cache moved its last row into the freed one: keep the same order here.
             last = self._running.pop()
             if last is not seq:
                 self._running[index] = last
