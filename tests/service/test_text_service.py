@@ -280,7 +280,9 @@ async def test_stop_sequences_max_tokens_and_seeds_hold_under_the_batcher(served
 
 
 async def test_a_cancelled_stream_reports_the_tokens_it_produced(served):
-    _, _, client = served
+    _, server, client = served
+    # Calls of earlier tests may still be closing: their accounts must not land here.
+    await until(lambda: server.limit.in_flight == 0, "earlier calls ended")
     ended: list[accounting.CallAccount] = []
 
     class Collect:
@@ -295,6 +297,7 @@ async def test_a_cancelled_stream_reports_the_tokens_it_produced(served):
         await until(lambda: len(ended) == 1, "the cancelled call's account closed")
     finally:
         accounting.install_sink(None)
+    assert len(ended) == 1
     account = ended[0]
     assert account.status == "CANCELLED" and account.unit == "tokens"
     assert account.input_units > 10
