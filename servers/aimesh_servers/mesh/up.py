@@ -139,7 +139,7 @@ def _last_lines(path: Path, count: int) -> list[str]:
 
 
 async def _wait_routable(servers: list[ServerProc], controller: EndpointController,
-                         envoy_health: EnvoyHealth, timeout_s: float = 30.0) -> None:
+                         envoy_health: EnvoyHealth, timeout_s: float = 120.0) -> None:
     """Until every server has loaded and Envoy's health checks route to it (so the first
     call after "mesh ready" reaches the first pool of its chain)."""
     await asyncio.gather(*(s.serving.wait() for s in servers))
