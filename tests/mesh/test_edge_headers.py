@@ -57,9 +57,24 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     running = Mesh(folder / "state", registry=folder / "registry.yaml", extra_args=["--listen", "0.0.0.0"])
     try:
         running.wait_ready()
+        served_once(running)
         yield running
     finally:
         running.stop()
+
+
+def served_once(mesh: Mesh, timeout: float = 120.0) -> None:
+    """Until a plain call is served: what the tests below change is the headers alone."""
+    image = encode(text_image()[0], "PNG")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            describe(mesh, image, [], "00-00000000000000000000000000000001-0000000000000001-01")
+            return
+        except grpc.RpcError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the mesh never served a plain call: {exc}") from exc
+            time.sleep(0.5)
 
 
 def network_address() -> str:
