@@ -35,22 +35,20 @@ from aimesh.usage.v1 import usage_ingest_pb2_grpc as ingest_grpc
 from aimesh.usage.v1 import usage_pb2
 from google.protobuf import descriptor_pool
 
+from ..mesh.tenancy_envoy import ADMIN_CAPABILITY, USAGE_CAPABILITY
+from ..mesh.tenancy_envoy import SERVICE_CAPABILITY as MODEL_SERVICE_CAPABILITY
 from ..registry.schema import Registry
 from .recorder import UsageRow
 
 log = logging.getLogger(__name__)
 
-# gRPC service -> capability short name (as in token scopes, limits and usage).
+# gRPC service -> capability short name (as in token scopes, limits and usage), and the
+# control plane's own APIs.
 SERVICE_CAPABILITY = {
-    "aimesh.text.v1.TextGenerationService": "text",
-    "aimesh.image.v1.ImageGenerationService": "image",
-    "aimesh.speech.v1.SpeechToTextService": "stt",
-    "aimesh.speech.v1.TextToSpeechService": "tts",
-    "aimesh.vision.v1.ImageToTextService": "vision",
-    "aimesh.embedding.v1.EmbeddingService": "embedding",
+    **MODEL_SERVICE_CAPABILITY,
     "aimesh.registry.v1.ModelRegistryService": "registry",
-    "aimesh.usage.v1.UsageService": "usage",
-    "aimesh.tenancy.v1.TenantService": "admin",
+    "aimesh.usage.v1.UsageService": USAGE_CAPABILITY,
+    "aimesh.tenancy.v1.TenantService": ADMIN_CAPABILITY,
 }
 
 # Which side of a call its limits count, per unit: prompt and completion tokens both
@@ -319,7 +317,7 @@ class AccessLogTail:
         try:
             while True:
                 if handle is None and self.path.exists():
-                    handle = open(self.path, "rb")  # noqa: SIM115 - held across polls
+                    handle = open(self.path, "rb")  # noqa: SIM115, ASYNC230 - held across polls; local file
                     inode = os.fstat(handle.fileno()).st_ino
                 if handle is not None:
                     chunk = handle.read()
