@@ -498,6 +498,18 @@ def test_tenant_api_needs_admin_usage_any_token_and_ingest_is_never_routed(door,
     assert [method for method, _ in new_calls(upstream, since)] == [tenants, usage]
 
 
+def test_admission_fails_closed_when_it_cannot_decide(door, upstream):
+    # A request limit that is not a number: the Lua filter errors on this tenant's calls.
+    door.admit({"acme": tenant(requests={"embedding": {"*": "oops"}}), "other": tenant()})
+    since = len(upstream.calls)
+    broken = door.call_embed(mint(MESH_KEY, "acme"))
+    assert code_of(broken) == grpc.StatusCode.INTERNAL
+    assert error_info(broken).reason == "ENGINE_FAILURE"
+    assert door.http_embed(mint(MESH_KEY, "acme")).status_code == 500
+    assert not new_calls(upstream, since)  # nothing reached the upstream unchecked
+    assert code_of(door.call_embed(mint(MESH_KEY, "other"))) == OK
+
+
 def test_enforce_false_admits_every_verified_token(door):
     door.admit({}, enforce=False)
     assert code_of(door.call_embed(mint(MESH_KEY, "anyone"))) == OK

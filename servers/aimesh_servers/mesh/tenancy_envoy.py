@@ -226,7 +226,7 @@ end
 LUA_ADMISSION = _LUA_ROUTE_BY_MODEL + """
 local DOMAIN = "{DOMAIN}"
 local GRPC = {UNAUTHENTICATED = 16, PERMISSION_DENIED = 7, RESOURCE_EXHAUSTED = 8}
-local HTTP = {[16] = "401", [7] = "403", [8] = "429"}
+local HTTP = {[16] = "401", [7] = "403", [8] = "429", [13] = "500"}
 
 -- google.rpc.Status and its details, protobuf-encoded by hand (varints, lengths).
 local function varint(n)
@@ -348,7 +348,7 @@ local function scoped(scopes, wanted)
       or string.find(padded, " admin ", 1, true) ~= nil
 end
 
-function envoy_on_request(h)
+local function admit(h)
   route_by_model(h)
   local meta = h:metadata()
   local version = meta:get("version")
@@ -440,6 +440,17 @@ function envoy_on_request(h)
     counted[#counted + 1] = counter
   end
   for _, counter in ipairs(counted) do counter[2] = counter[2] + 1 end
+end
+
+-- Fail closed: a call whose admission could not be decided (a bug, a malformed state) is
+-- refused, never let through unchecked.
+function envoy_on_request(h)
+  local ok, err = pcall(admit, h)
+  if not ok then
+    h:logErr("aimesh admission failed: " .. tostring(err))
+    refuse(h, {code = 13, reason = "ENGINE_FAILURE",
+               message = "the front door could not check this call; retry later"})
+  end
 end
 """.replace("{DOMAIN}", DOMAIN)
 
