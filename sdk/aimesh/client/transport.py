@@ -11,10 +11,10 @@ jittered, as `grpc-retry-pushback-ms`, which gRPC waits for before the next atte
 sends -1 (no retry) when that delay would not fit the call's deadline. `retryThrottling`
 stops retries on a channel whose calls mostly fail, so retries cannot multiply load.
 
-Attempt budget, Envoy included: at most 3 per call. The front door retries a call's
-first attempt once, onto the next pool of the fallback chain, and never an attempt that
-is itself a retry (one carrying `grpc-previous-rpc-attempts`); so with MAX_ATTEMPTS = 2
-a call costs at most 2 + 1 = 3 attempts (see `_retry_policy` in the Envoy config).
+Attempt budget, Envoy included: at most 4 per call. The front door retries a call's
+first attempt up to twice, along the fallback chain, and never an attempt that is
+itself a retry (one carrying `grpc-previous-rpc-attempts`); so with MAX_ATTEMPTS = 2 a
+call costs at most 3 + 1 = 4 attempts (see `_retry_policy` in the Envoy config).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def service_config(max_attempts: int = MAX_ATTEMPTS, retry_busy: bool = True) ->
 def channel_options(max_attempts: int = MAX_ATTEMPTS, retry_busy: bool = True) -> list[tuple[str, Any]]:
     if not 1 <= max_attempts <= MAX_ATTEMPTS:
         raise ValueError(f"max_attempts must be 1 (no retry) to {MAX_ATTEMPTS}: the front door may "
-                         f"add one try, and a call never costs more than 3; got {max_attempts}")
+                         f"add two tries, and a call never costs more than 4; got {max_attempts}")
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -232,16 +232,18 @@ def control_cluster(spec: MeshSpec) -> dict[str, Any]:
 
 
 def _retry_policy(capability: Capability) -> dict[str, Any]:
-    """At most 3 attempts per call, Envoy's and the SDK's together: Envoy retries a call's
-    first attempt once (onto the next pool), and never an attempt that is itself a
-    client's retry (gRPC marks those with `grpc-previous-rpc-attempts`); the SDK makes at
-    most 2 attempts (aimesh.client.transport.MAX_ATTEMPTS). So 2 + 1 = 3. An attempt past
+    """At most 4 attempts per call, Envoy's and the SDK's together: Envoy retries a call's
+    first attempt up to twice (along the fallback chain), and never an attempt that is
+    itself a client's retry (gRPC marks those with `grpc-previous-rpc-attempts`); the SDK
+    makes at most 2 attempts (aimesh.client.transport.MAX_ATTEMPTS). So 3 + 1 = 4. With a
+    single retry, Envoy 1.40 sometimes sent it back to a just-killed primary instead of the
+    next priority (tests/mesh/test_consul_mesh.py failed 4 runs in 10). An attempt past
     its first-byte timeout (TRY_TIMEOUTS) is hedged onto the next pool (see the route's
     hedge_policy)."""
     timeouts = TRY_TIMEOUTS[capability]
     return {
         "retry_on": RETRY_ON,
-        "num_retries": 1,
+        "num_retries": 2,
         "per_try_timeout": _duration(timeouts.first_byte_s),
         "per_try_idle_timeout": _duration(timeouts.idle_s),
         "retriable_request_headers": [{"name": "grpc-previous-rpc-attempts", "present_match": False}],
