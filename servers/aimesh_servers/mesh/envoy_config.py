@@ -201,6 +201,13 @@ def model_cluster(spec: MeshSpec, model: Model) -> dict[str, Any]:
             "enforcing_success_rate": 0,
             "consecutive_gateway_failure": 3,
             "enforcing_consecutive_gateway_failure": 100,
+            # Refused connections, resets and timeouts (errors Envoy sees itself) count on
+            # their own, and two in a row eject the host at once: a killed server is out
+            # before the call's retry picks a host, so the retry reaches the next pool
+            # (with a single pool of one dead host, retries otherwise kept choosing it).
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 2,
+            "enforcing_consecutive_local_origin_failure": 100,
             "interval": "0.5s",
             "base_ejection_time": "3s",
             "max_ejection_percent": 100,
