@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..runtime.errors import DOMAIN
+from ..tenancy.plans import SERVICES
 
 # envoy_config builds the listener from this module's pieces, so the writers below import
 # it (and the controller, which imports it) when called, not when this module loads.
@@ -78,14 +79,7 @@ USAGE_SERVICE_PREFIX = "/aimesh.usage.v1.UsageService/"
 INGEST_SERVICE_PREFIX = "/aimesh.usage.v1.UsageIngestService/"
 
 # The scope a token needs for each capability's service (the token's `scope` claim).
-SERVICE_CAPABILITY = {
-    "aimesh.text.v1.TextGenerationService": "text",
-    "aimesh.image.v1.ImageGenerationService": "image",
-    "aimesh.speech.v1.SpeechToTextService": "stt",
-    "aimesh.speech.v1.TextToSpeechService": "tts",
-    "aimesh.vision.v1.ImageToTextService": "vision",
-    "aimesh.embedding.v1.EmbeddingService": "embedding",
-}
+SERVICE_CAPABILITY = {service: capability for capability, service in SERVICES.items()}
 # Pseudo-capabilities of the control plane's APIs: TenantService needs the admin scope;
 # UsageService any valid token (the service itself shows a tenant only its own usage).
 ADMIN_CAPABILITY = "admin"
