@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..registry.discovery import _alive
 from ..registry.schema import Registry
-from ..tenancy.collector import _edge_status
+from ..tenancy.collector import edge_status
 
 WINDOW_S = 60.0
 PROBE_TIMEOUT_S = 0.5
@@ -223,7 +223,7 @@ def add_call_stats(model: ModelStatus, calls: list[dict[str, Any]]) -> None:
     served = [c["pool"] for c in calls if c.get("pool") not in (None, "", "-")]
     model.calls = len(calls)
     model.calls_per_s = round(len(calls) / WINDOW_S, 3)
-    model.error_rate = round(sum(_edge_status(c) != "OK" for c in calls) / len(calls), 4)
+    model.error_rate = round(sum(edge_status(c) != "OK" for c in calls) / len(calls), 4)
     model.p95_ms = durations[math.ceil(0.95 * len(durations)) - 1]
     model.fallback_rate = round(sum(p != first_pool for p in served) / len(served), 4) if served else 0.0
 

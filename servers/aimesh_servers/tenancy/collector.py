@@ -228,7 +228,7 @@ class UsageCollector:
         attempts = int(edge.get("attempts") or 1) if edge else 1
         # The server knows how its call ended; Envoy's view of a transcoded call is only an
         # HTTP status, and it alone knows the calls no server saw.
-        status = final.status if final is not None else _edge_status(edge)
+        status = final.status if final is not None else edge_status(edge)
         reason = (edge.get("reason") or "") if edge else ""
         if not reason and final is not None and final.status != "OK":
             reason = final.reason
@@ -273,7 +273,7 @@ REASON_STATUS = {"UNAUTHENTICATED": "UNAUTHENTICATED", "PERMISSION_DENIED": "PER
                  "RATE_LIMITED": "RESOURCE_EXHAUSTED", "BUDGET_EXHAUSTED": "RESOURCE_EXHAUSTED"}
 
 
-def _edge_status(edge: dict[str, Any]) -> str:
+def edge_status(edge: dict[str, Any]) -> str:
     """How Envoy saw the call end: its own refusal's reason, %GRPC_STATUS% for a gRPC call
     ("ResourceExhausted", or a number), else the HTTP status of a transcoded call."""
     if status := REASON_STATUS.get(edge.get("reason") or ""):
