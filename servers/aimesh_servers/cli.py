@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                          "of a requests-per-window limit (default 1)")
     up.add_argument("--trust-issuer", metavar="FILE",
                     help="YAML list of external identity providers whose tokens are accepted")
+    up.add_argument("--stats-window-s", type=float, default=300.0,
+                    help="the window of the registry API's live figures per model and pool (default 300)")
     up.set_defaults(func=_up)
 
     add_tenants_parser(sub)

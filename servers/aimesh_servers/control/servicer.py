@@ -4,15 +4,18 @@ calls that name a model the mesh does not have."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 import grpc
 import httpx
-
 from aimesh.registry.v1 import registry_pb2 as pb
 from aimesh.registry.v1 import registry_pb2_grpc as pb_grpc
+from google.protobuf.duration_pb2 import Duration
 
 from ..mesh.descriptors import service_names
+from ..mesh.status import CallFigures, LiveFigures, ModelFigures
 from ..registry.discovery import Instance
 from ..registry.schema import Capability, Model, Registry
 from ..runtime.errors import InvalidArgument, ModelNotFound
@@ -46,14 +49,37 @@ class EnvoyHealth:
         return healthy
 
 
+def _duration_ms(ms: float) -> Duration:
+    out = Duration()
+    out.FromTimedelta(timedelta(milliseconds=ms))
+    return out
+
+
+def live_stats(figures: CallFigures, window_s: float) -> pb.LiveStats:
+    out = pb.LiveStats(window=_duration_ms(window_s * 1000), calls=figures.calls,
+                       calls_per_second=figures.calls_per_s, error_rate=figures.error_rate,
+                       fallback_rate=figures.fallback_rate, cost_usd=figures.cost_usd)
+    if figures.p50_ms is not None:
+        out.latency_p50.CopyFrom(_duration_ms(figures.p50_ms))
+    if figures.p95_ms is not None:
+        out.latency_p95.CopyFrom(_duration_ms(figures.p95_ms))
+    return out
+
+
 class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     def __init__(self, registry: Registry, instances: Callable[[], Sequence[Instance]],
-                 envoy: EnvoyHealth | None) -> None:
+                 envoy: EnvoyHealth | None, live: LiveFigures | None = None) -> None:
         self.registry = registry
         self.instances = instances
         self.envoy = envoy
+        self.live = live
 
-    def _model(self, model: Model, healthy: dict[str, set[str]] | None) -> pb.Model:
+    async def _live(self) -> dict[str, ModelFigures]:
+        # A thread: it may read the access log and query the usage records (cached 1 s).
+        return await asyncio.to_thread(self.live.snapshot) if self.live else {}
+
+    def _model(self, model: Model, healthy: dict[str, set[str]] | None,
+               live: ModelFigures | None = None) -> pb.Model:
         out = pb.Model(
             id=model.id, capability=CAPABILITY[model.capability], description=model.description,
             default_version=model.default.version, parameters=model.parameters, prices=model.prices,
@@ -67,8 +93,12 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             serving = [e for e in endpoints if healthy is not None and e in healthy.get(model.cluster, ())]
             health = (pb.POOL_HEALTH_UNSPECIFIED if healthy is None
                       else pb.POOL_HEALTH_SERVING if serving else pb.POOL_HEALTH_NOT_SERVING)
-            out.pools.add(id=pool.id, priority=priority, health=health,
-                          endpoints=serving if healthy is not None else endpoints)
+            added = out.pools.add(id=pool.id, priority=priority, health=health,
+                                  endpoints=serving if healthy is not None else endpoints)
+            if live is not None and self.live is not None:
+                added.live.CopyFrom(live_stats(live.pools[pool.id], self.live.window_s))
+        if live is not None and self.live is not None:
+            out.live.CopyFrom(live_stats(live.total, self.live.window_s))
         return out
 
     async def _health(self) -> dict[str, set[str]] | None:
@@ -83,15 +113,16 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         return model
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        healthy = await self._health()
+        healthy, live = await asyncio.gather(self._health(), self._live())
         models = sorted(self.registry.models, key=lambda m: m.id)
         if request.capability:
             models = [m for m in models if CAPABILITY[m.capability] == request.capability]
-        return pb.ListModelsResponse(models=[self._model(m, healthy) for m in models])
+        return pb.ListModelsResponse(models=[self._model(m, healthy, live.get(m.id)) for m in models])
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.GetModelResponse:
         model = self._get(request.model_id)
-        return pb.GetModelResponse(model=self._model(model, await self._health()))
+        healthy, live = await asyncio.gather(self._health(), self._live())
+        return pb.GetModelResponse(model=self._model(model, healthy, live.get(model.id)))
 
     async def ListModelVersions(self, request: pb.ListModelVersionsRequest, context
                                 ) -> pb.ListModelVersionsResponse:
@@ -131,9 +162,9 @@ class ControlCapability:
     models: Sequence[ServedModel] = ()
 
     def __init__(self, registry: Registry, instances: Callable[[], Sequence[Instance]],
-                 envoy: EnvoyHealth | None) -> None:
+                 envoy: EnvoyHealth | None, live: LiveFigures | None = None) -> None:
         self.registry = registry
-        self.servicer = ModelRegistryServicer(registry, instances, envoy)
+        self.servicer = ModelRegistryServicer(registry, instances, envoy, live)
         # Reflection lists every aimesh service, so grpcurl through Envoy can describe all.
         self.service_names = service_names()
 

@@ -29,8 +29,11 @@ import os
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,11 +41,14 @@ from typing import Any
 
 import grpc
 import httpx
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import Engine
 
 from ..registry.discovery import _alive
 from ..registry.schema import Registry
 from ..tenancy.collector import edge_status
+from ..tenancy.db import usage_records
 
 WINDOW_S = 60.0
 PROBE_TIMEOUT_S = 0.5
@@ -215,17 +221,153 @@ def recent_calls(access_log: Path, now: float) -> list[dict[str, Any]]:
     return calls
 
 
+def served_pool(call: dict[str, Any]) -> str:
+    """The pool that answered (its response header), "" when none did."""
+    pool = call.get("pool")
+    return "" if pool in (None, "", "-") else str(pool)
+
+
+def percentile(ordered: list[float], quantile: float) -> float:
+    """Nearest-rank percentile of an ascending, non-empty list."""
+    return ordered[max(0, math.ceil(quantile * len(ordered)) - 1)]
+
+
 def add_call_stats(model: ModelStatus, calls: list[dict[str, Any]]) -> None:
     if not calls:
         return
     first_pool = model.pools[0].id if model.pools else ""
     durations = sorted(float(c.get("duration_ms") or 0) for c in calls)
-    served = [c["pool"] for c in calls if c.get("pool") not in (None, "", "-")]
+    served = [pool for pool in map(served_pool, calls) if pool]
     model.calls = len(calls)
     model.calls_per_s = round(len(calls) / WINDOW_S, 3)
     model.error_rate = round(sum(edge_status(c) != "OK" for c in calls) / len(calls), 4)
-    model.p95_ms = durations[math.ceil(0.95 * len(durations)) - 1]
+    model.p95_ms = percentile(durations, 0.95)
     model.fallback_rate = round(sum(p != first_pool for p in served) / len(served), 4) if served else 0.0
+
+
+# --- live figures for the registry API -----------------------------------------------------
+
+@dataclass
+class CallFigures:
+    """What a set of calls did over a window (a model's, or one pool's)."""
+
+    calls: int = 0
+    calls_per_s: float = 0.0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    error_rate: float = 0.0
+    fallback_rate: float = 0.0
+    cost_usd: float = 0.0
+
+
+@dataclass
+class ModelFigures:
+    total: CallFigures
+    pools: dict[str, CallFigures]
+
+
+def figures(calls: list[dict[str, Any]], first_pool: str, window_s: float) -> CallFigures:
+    """A call fell back when a pool other than the chain's first served it, or a retry did."""
+    if not calls:
+        return CallFigures()
+    durations = sorted(float(c.get("duration_ms") or 0) for c in calls)
+    served = [c for c in calls if served_pool(c)]
+    fell_back = sum(served_pool(c) != first_pool or int(c.get("attempts") or 1) > 1 for c in served)
+    return CallFigures(
+        calls=len(calls), calls_per_s=round(len(calls) / window_s, 4),
+        p50_ms=percentile(durations, 0.5), p95_ms=percentile(durations, 0.95),
+        error_rate=round(sum(edge_status(c) != "OK" for c in calls) / len(calls), 4),
+        fallback_rate=round(fell_back / len(served), 4) if served else 0.0)
+
+
+# (model id, pool id) -> US dollars spent over the last `window_s` seconds.
+CostSource = Callable[[float], dict[tuple[str, str], float]]
+
+
+def recorded_costs(engine: Engine) -> CostSource:
+    """Cost by (model, pool) from the usage records (the collector prices each call)."""
+    def costs(window_s: float) -> dict[tuple[str, str], float]:
+        since = datetime.now(UTC) - timedelta(seconds=window_s)
+        query = (sa.select(usage_records.c.served_model, usage_records.c.pool,
+                           sa.func.sum(usage_records.c.cost_usd))
+                 .where(usage_records.c.time >= since)
+                 .group_by(usage_records.c.served_model, usage_records.c.pool))
+        with engine.connect() as db:
+            return {(model, pool): float(cost or 0) for model, pool, cost in db.execute(query)}
+    return costs
+
+
+class LiveFigures:
+    """Per model and pool figures over the last `window_s` seconds of Envoy's access log,
+    for the registry API. Reads only what Envoy appended since the last look (it keeps
+    the window's calls in memory) and answers from a cache for `cache_s`, so a
+    ListModels costs a dictionary lookup. Thread-safe."""
+
+    def __init__(self, registry: Registry, access_log: Path, window_s: float = 300.0,
+                 cost: CostSource | None = None, cache_s: float = 1.0) -> None:
+        self.registry = registry
+        self.access_log = access_log
+        self.window_s = window_s
+        self.cost = cost
+        self.cache_s = cache_s
+        self._calls: deque[tuple[float, dict[str, Any]]] = deque()
+        self._offset = 0
+        self._inode: int | None = None
+        self._partial = b""
+        self._lock = threading.Lock()
+        self._cached: dict[str, ModelFigures] = {}
+        self._cached_at = -math.inf
+
+    def snapshot(self) -> dict[str, ModelFigures]:
+        with self._lock:
+            if time.monotonic() - self._cached_at >= self.cache_s:
+                self._cached = self._compute(time.time())
+                self._cached_at = time.monotonic()
+            return self._cached
+
+    def _read_new_lines(self) -> None:
+        try:
+            with open(self.access_log, "rb") as log:
+                stat = os.fstat(log.fileno())
+                if stat.st_ino != self._inode or stat.st_size < self._offset:  # new or truncated
+                    self._inode, self._partial = stat.st_ino, b""
+                    self._offset = max(0, stat.st_size - ACCESS_LOG_TAIL_BYTES)
+                log.seek(self._offset)
+                chunk = log.read()
+        except OSError:
+            return
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        for line in lines:
+            try:
+                call = json.loads(line)
+                self._calls.append((float(call["start_ms"]) / 1000, call))
+            except (ValueError, KeyError, TypeError):
+                continue  # the cut first line of a tail
+
+    def _compute(self, now: float) -> dict[str, ModelFigures]:
+        self._read_new_lines()
+        # Lines come in order of their call's end: a long call started earlier can follow,
+        # so drop from the left only while the oldest is out, and filter the rest too.
+        while self._calls and now - self._calls[0][0] > self.window_s:
+            self._calls.popleft()
+        by_cluster: dict[str, list[dict[str, Any]]] = {}
+        for started, call in self._calls:
+            if now - started <= self.window_s:
+                by_cluster.setdefault(call.get("cluster") or "", []).append(call)
+        costs = self.cost(self.window_s) if self.cost else {}
+        out = {}
+        for model in self.registry.models:
+            calls = by_cluster.get(model.cluster, [])
+            first = model.pools[0].id if model.pools else ""
+            pools = {}
+            for pool in model.pools:
+                pools[pool.id] = figures([c for c in calls if served_pool(c) == pool.id], first, self.window_s)
+                pools[pool.id].cost_usd = round(costs.get((model.id, pool.id), 0.0), 9)
+            total = figures(calls, first, self.window_s)
+            total.cost_usd = round(sum(v for (m, _), v in costs.items() if m == model.id), 9)
+            out[model.id] = ModelFigures(total, pools)
+        return out
 
 
 def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:

@@ -39,7 +39,7 @@ from . import envoy_process
 from .children import terminate_with_parent
 from .controller import EndpointController
 from .envoy_config import MeshSpec
-from .status import ReadinessServer
+from .status import LiveFigures, ReadinessServer, recorded_costs
 
 
 def say(message: str) -> None:
@@ -252,8 +252,10 @@ async def _run(args: argparse.Namespace) -> int:
     access = None if args.no_tenancy else await asyncio.to_thread(plane.bootstrap)
     control = ModelServer(
         ServerSettings(port=control_port, drain_delay_s=0, drain_grace_s=1, max_concurrency=256),
-        [ControlCapability(registry, lambda: controller.instances if controller else [],
-                           envoy_health), *plane.capabilities],
+        [ControlCapability(registry, lambda: controller.instances if controller else [], envoy_health,
+                           LiveFigures(registry, state / "access.log", args.stats_window_s,
+                                       cost=recorded_costs(plane.engine))),
+         *plane.capabilities],
     )
     await control.start()
     controller = EndpointController(spec, registry)

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aimesh/registry/v1/registry.proto\x12\x12\x61imesh.registry.v1\x1a\x1cgoogle/api/annotations.proto\"g\n\x04Pool\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12.\n\x06health\x18\x03 \x01(\x0e\x32\x1e.aimesh.registry.v1.PoolHealth\x12\x11\n\tendpoints\x18\x04 \x03(\t\"C\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x12\n\ndeprecated\x18\x03 \x01(\x08\"\xc2\x03\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\ncapability\x18\x02 \x01(\x0e\x32\x1e.aimesh.registry.v1.Capability\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x32\n\x08versions\x18\x04 \x03(\x0b\x32 .aimesh.registry.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x05 \x01(\t\x12\'\n\x05pools\x18\x06 \x03(\x0b\x32\x18.aimesh.registry.v1.Pool\x12=\n\nparameters\x18\x07 \x03(\x0b\x32).aimesh.registry.v1.Model.ParametersEntry\x12\x35\n\x06prices\x18\x08 \x03(\x0b\x32%.aimesh.registry.v1.Model.PricesEntry\x12\x16\n\x0erandom_weights\x18\t \x01(\x08\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bPricesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"G\n\x11ListModelsRequest\x12\x32\n\ncapability\x18\x01 \x01(\x0e\x32\x1e.aimesh.registry.v1.Capability\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.aimesh.registry.v1.Model\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"<\n\x10GetModelResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.aimesh.registry.v1.Model\",\n\x18ListModelVersionsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"h\n\x19ListModelVersionsResponse\x12\x32\n\x08versions\x18\x01 \x03(\x0b\x32 .aimesh.registry.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\t*\xdf\x01\n\nCapability\x12\x1a\n\x16\x43\x41PABILITY_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43\x41PABILITY_TEXT_GENERATION\x10\x01\x12\x1f\n\x1b\x43\x41PABILITY_IMAGE_GENERATION\x10\x02\x12\x1d\n\x19\x43\x41PABILITY_SPEECH_TO_TEXT\x10\x03\x12\x1d\n\x19\x43\x41PABILITY_TEXT_TO_SPEECH\x10\x04\x12\x1c\n\x18\x43\x41PABILITY_IMAGE_TO_TEXT\x10\x05\x12\x18\n\x14\x43\x41PABILITY_EMBEDDING\x10\x06*_\n\nPoolHealth\x12\x1b\n\x17POOL_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13POOL_HEALTH_SERVING\x10\x01\x12\x1b\n\x17POOL_HEALTH_NOT_SERVING\x10\x02\x32\x98\x03\n\x14ModelRegistryService\x12o\n\nListModels\x12%.aimesh.registry.v1.ListModelsRequest\x1a&.aimesh.registry.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12t\n\x08GetModel\x12#.aimesh.registry.v1.GetModelRequest\x1a$.aimesh.registry.v1.GetModelResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model_id}\x12\x98\x01\n\x11ListModelVersions\x12,.aimesh.registry.v1.ListModelVersionsRequest\x1a-.aimesh.registry.v1.ListModelVersionsResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/models/{model_id}/versionsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aimesh/registry/v1/registry.proto\x12\x12\x61imesh.registry.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\"\x94\x01\n\x04Pool\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08priority\x18\x02 \x01(\x05\x12.\n\x06health\x18\x03 \x01(\x0e\x32\x1e.aimesh.registry.v1.PoolHealth\x12\x11\n\tendpoints\x18\x04 \x03(\t\x12+\n\x04live\x18\x05 \x01(\x0b\x32\x1d.aimesh.registry.v1.LiveStats\"\xfc\x01\n\tLiveStats\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x18\n\x10\x63\x61lls_per_second\x18\x03 \x01(\x01\x12.\n\x0blatency_p50\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p95\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nerror_rate\x18\x06 \x01(\x01\x12\x15\n\rfallback_rate\x18\x07 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x08 \x01(\x01\"C\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x12\n\ndeprecated\x18\x03 \x01(\x08\"\xef\x03\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\ncapability\x18\x02 \x01(\x0e\x32\x1e.aimesh.registry.v1.Capability\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x32\n\x08versions\x18\x04 \x03(\x0b\x32 .aimesh.registry.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x05 \x01(\t\x12\'\n\x05pools\x18\x06 \x03(\x0b\x32\x18.aimesh.registry.v1.Pool\x12=\n\nparameters\x18\x07 \x03(\x0b\x32).aimesh.registry.v1.Model.ParametersEntry\x12\x35\n\x06prices\x18\x08 \x03(\x0b\x32%.aimesh.registry.v1.Model.PricesEntry\x12\x16\n\x0erandom_weights\x18\t \x01(\x08\x12+\n\x04live\x18\n \x01(\x0b\x32\x1d.aimesh.registry.v1.LiveStats\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bPricesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"G\n\x11ListModelsRequest\x12\x32\n\ncapability\x18\x01 \x01(\x0e\x32\x1e.aimesh.registry.v1.Capability\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.aimesh.registry.v1.Model\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"<\n\x10GetModelResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.aimesh.registry.v1.Model\",\n\x18ListModelVersionsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"h\n\x19ListModelVersionsResponse\x12\x32\n\x08versions\x18\x01 \x03(\x0b\x32 .aimesh.registry.v1.ModelVersion\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\t*\xdf\x01\n\nCapability\x12\x1a\n\x16\x43\x41PABILITY_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43\x41PABILITY_TEXT_GENERATION\x10\x01\x12\x1f\n\x1b\x43\x41PABILITY_IMAGE_GENERATION\x10\x02\x12\x1d\n\x19\x43\x41PABILITY_SPEECH_TO_TEXT\x10\x03\x12\x1d\n\x19\x43\x41PABILITY_TEXT_TO_SPEECH\x10\x04\x12\x1c\n\x18\x43\x41PABILITY_IMAGE_TO_TEXT\x10\x05\x12\x18\n\x14\x43\x41PABILITY_EMBEDDING\x10\x06*_\n\nPoolHealth\x12\x1b\n\x17POOL_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13POOL_HEALTH_SERVING\x10\x01\x12\x1b\n\x17POOL_HEALTH_NOT_SERVING\x10\x02\x32\x98\x03\n\x14ModelRegistryService\x12o\n\nListModels\x12%.aimesh.registry.v1.ListModelsRequest\x1a&.aimesh.registry.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12t\n\x08GetModel\x12#.aimesh.registry.v1.GetModelRequest\x1a$.aimesh.registry.v1.GetModelResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model_id}\x12\x98\x01\n\x11ListModelVersions\x12,.aimesh.registry.v1.ListModelVersionsRequest\x1a-.aimesh.registry.v1.ListModelVersionsResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/v1/models/{model_id}/versionsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,32 +43,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELREGISTRYSERVICE'].methods_by_name['GetModel']._serialized_options = b'\202\323\344\223\002\027\022\025/v1/models/{model_id}'
   _globals['_MODELREGISTRYSERVICE'].methods_by_name['ListModelVersions']._loaded_options = None
   _globals['_MODELREGISTRYSERVICE'].methods_by_name['ListModelVersions']._serialized_options = b'\202\323\344\223\002 \022\036/v1/models/{model_id}/versions'
-  _globals['_CAPABILITY']._serialized_start=1104
-  _globals['_CAPABILITY']._serialized_end=1327
-  _globals['_POOLHEALTH']._serialized_start=1329
-  _globals['_POOLHEALTH']._serialized_end=1424
-  _globals['_POOL']._serialized_start=87
-  _globals['_POOL']._serialized_end=190
-  _globals['_MODELVERSION']._serialized_start=192
-  _globals['_MODELVERSION']._serialized_end=259
-  _globals['_MODEL']._serialized_start=262
-  _globals['_MODEL']._serialized_end=712
-  _globals['_MODEL_PARAMETERSENTRY']._serialized_start=616
-  _globals['_MODEL_PARAMETERSENTRY']._serialized_end=665
-  _globals['_MODEL_PRICESENTRY']._serialized_start=667
-  _globals['_MODEL_PRICESENTRY']._serialized_end=712
-  _globals['_LISTMODELSREQUEST']._serialized_start=714
-  _globals['_LISTMODELSREQUEST']._serialized_end=785
-  _globals['_LISTMODELSRESPONSE']._serialized_start=787
-  _globals['_LISTMODELSRESPONSE']._serialized_end=850
-  _globals['_GETMODELREQUEST']._serialized_start=852
-  _globals['_GETMODELREQUEST']._serialized_end=887
-  _globals['_GETMODELRESPONSE']._serialized_start=889
-  _globals['_GETMODELRESPONSE']._serialized_end=949
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=951
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=995
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=997
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=1101
-  _globals['_MODELREGISTRYSERVICE']._serialized_start=1427
-  _globals['_MODELREGISTRYSERVICE']._serialized_end=1835
+  _globals['_CAPABILITY']._serialized_start=1482
+  _globals['_CAPABILITY']._serialized_end=1705
+  _globals['_POOLHEALTH']._serialized_start=1707
+  _globals['_POOLHEALTH']._serialized_end=1802
+  _globals['_POOL']._serialized_start=120
+  _globals['_POOL']._serialized_end=268
+  _globals['_LIVESTATS']._serialized_start=271
+  _globals['_LIVESTATS']._serialized_end=523
+  _globals['_MODELVERSION']._serialized_start=525
+  _globals['_MODELVERSION']._serialized_end=592
+  _globals['_MODEL']._serialized_start=595
+  _globals['_MODEL']._serialized_end=1090
+  _globals['_MODEL_PARAMETERSENTRY']._serialized_start=994
+  _globals['_MODEL_PARAMETERSENTRY']._serialized_end=1043
+  _globals['_MODEL_PRICESENTRY']._serialized_start=1045
+  _globals['_MODEL_PRICESENTRY']._serialized_end=1090
+  _globals['_LISTMODELSREQUEST']._serialized_start=1092
+  _globals['_LISTMODELSREQUEST']._serialized_end=1163
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1165
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1228
+  _globals['_GETMODELREQUEST']._serialized_start=1230
+  _globals['_GETMODELREQUEST']._serialized_end=1265
+  _globals['_GETMODELRESPONSE']._serialized_start=1267
+  _globals['_GETMODELRESPONSE']._serialized_end=1327
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=1329
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=1373
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=1375
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=1479
+  _globals['_MODELREGISTRYSERVICE']._serialized_start=1805
+  _globals['_MODELREGISTRYSERVICE']._serialized_end=2213
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -93,6 +94,7 @@ class Pool(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Pool id, unique within the model, e.g. "local"."""
     priority: _builtins.int
@@ -103,6 +105,12 @@ class Pool(_message.Message):
     def endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Endpoints that serve now ("host:port")."""
 
+    @_builtins.property
+    def live(self) -> Global___LiveStats:
+        """The calls this pool served over the recent window (unset when the registry
+        cannot see the mesh's traffic, e.g. outside `aimesh up`).
+        """
+
     def __init__(
         self,
         *,
@@ -110,14 +118,77 @@ class Pool(_message.Message):
         priority: _builtins.int = ...,
         health: Global___PoolHealth.ValueType = ...,
         endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        live: Global___LiveStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["live", b"live"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "health", b"health", "id", b"id", "priority", b"priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "health", b"health", "id", b"id", "live", b"live", "priority", b"priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Pool: _TypeAlias = Pool  # noqa: Y015
+
+@_typing.final
+class LiveStats(_message.Message):
+    """What a model or a pool did over a recent window, from the front door's access log
+    (one line per call) and the usage records (cost).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    CALLS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    FALLBACK_RATE_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    calls: _builtins.int
+    """Calls that started in the window and have ended."""
+    calls_per_second: _builtins.float
+    """Calls per second over the window."""
+    error_rate: _builtins.float
+    """Share of calls (0..1) that ended with any status but OK."""
+    fallback_rate: _builtins.float
+    """Share of calls (0..1) that fell back: served by a pool after the first of the
+    chain, or after a retry.
+    """
+    cost_usd: _builtins.float
+    """What the calls cost, in US dollars, from the registry's prices and the units the
+    servers reported.
+    """
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """How far back the figures look (e.g. 5 minutes)."""
+
+    @_builtins.property
+    def latency_p50(self) -> _duration_pb2.Duration:
+        """Median latency at the front door; unset without calls."""
+
+    @_builtins.property
+    def latency_p95(self) -> _duration_pb2.Duration:
+        """95th percentile latency at the front door; unset without calls."""
+
+    def __init__(
+        self,
+        *,
+        window: _duration_pb2.Duration | None = ...,
+        calls: _builtins.int = ...,
+        calls_per_second: _builtins.float = ...,
+        latency_p50: _duration_pb2.Duration | None = ...,
+        latency_p95: _duration_pb2.Duration | None = ...,
+        error_rate: _builtins.float = ...,
+        fallback_rate: _builtins.float = ...,
+        cost_usd: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "calls_per_second", b"calls_per_second", "cost_usd", b"cost_usd", "error_rate", b"error_rate", "fallback_rate", b"fallback_rate", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveStats: _TypeAlias = LiveStats  # noqa: Y015
 
 @_typing.final
 class ModelVersion(_message.Message):
@@ -204,6 +275,7 @@ class Model(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     PRICES_FIELD_NUMBER: _builtins.int
     RANDOM_WEIGHTS_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Id callers ask for."""
     capability: Global___Capability.ValueType
@@ -230,6 +302,10 @@ class Model(_message.Message):
     def prices(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Price per unit in US dollars, by unit name ("input_tokens": 0.0000001)."""
 
+    @_builtins.property
+    def live(self) -> Global___LiveStats:
+        """Every call to this model over the recent window, whichever pool served it."""
+
     def __init__(
         self,
         *,
@@ -242,10 +318,11 @@ class Model(_message.Message):
         parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         prices: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         random_weights: _builtins.bool = ...,
+        live: Global___LiveStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["live", b"live"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "default_version", b"default_version", "description", b"description", "id", b"id", "parameters", b"parameters", "pools", b"pools", "prices", b"prices", "random_weights", b"random_weights", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "default_version", b"default_version", "description", b"description", "id", b"id", "live", b"live", "parameters", b"parameters", "pools", b"pools", "prices", b"prices", "random_weights", b"random_weights", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
