@@ -4,6 +4,7 @@
     aimesh serve CAPABILITY   one model server (text, ...)
     aimesh tenants ...        tenants and tokens of a running mesh
     aimesh status             models, pools, endpoints and the last minute's calls
+    aimesh certs init|rotate  the mesh CA and certificates for mutual TLS
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from dataclasses import replace
 
 from .capabilities import CAPABILITIES
+from .mesh.certs import add_certs_parser
 from .tenancy.cli import add_tenants_parser
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     up.set_defaults(func=_up)
 
     add_tenants_parser(sub)
+    add_certs_parser(sub)
 
     status = sub.add_parser("status", help="models, pools and endpoints of a running mesh, with the "
                                            "last minute's calls/s, errors, p95 and fallbacks")
