@@ -154,6 +154,42 @@ usage_hourly = sa.Table(
     sa.Index("ix_usage_hourly_tenant_hour", "tenant", "hour"),
 )
 
+# Asynchronous jobs (aimesh_servers/jobs): one row per job, one per request item.
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("capability", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # the JobRequest oneof case, e.g. 'generate'
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("idempotency_key", sa.Text, nullable=True),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("total", sa.Integer, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=True),
+    sa.Column("ended_at", UtcDateTime, nullable=True),
+    sa.Column("expire_at", UtcDateTime, nullable=True),
+    sa.Index("ix_jobs_tenant_created", "tenant", "created_at"),
+    sa.Index("ux_jobs_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
+)
+
+job_items = sa.Table(
+    "job_items", metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("request", sa.LargeBinary, nullable=False),  # serialized capability request
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("result_key", sa.Text, nullable=True),  # key in the results store
+    sa.Column("error_reason", sa.Text, nullable=True),
+    sa.Column("error_message", sa.Text, nullable=True),
+    sa.Column("error_status", sa.LargeBinary, nullable=True),  # google.rpc.Status
+    sa.Column("leased_by", sa.Text, nullable=True),
+    sa.Column("lease_until", UtcDateTime, nullable=True),
+    sa.Index("ix_job_items_state", "state"),
+)
+
 
 def sqlite_url(state_dir: str | Path) -> str:
     return f"sqlite:///{Path(state_dir) / 'aimesh.db'}"
