@@ -55,7 +55,9 @@ class ModelServer:
             else LocalRegistrar(settings.registry_dir) if settings.registry_dir else None
         )
         self.instances: list[Instance] = []
-        self.usage = UsageReporter(settings.usage_addr) if settings.usage_addr else None
+        self.tls = settings.tls_files()  # None: plaintext
+        # A TlsFiles of its own: each user of the files notices a rotation for itself.
+        self.usage = UsageReporter(settings.usage_addr, settings.tls_files()) if settings.usage_addr else None
         self.metrics = ServerMetrics(self.limit, settings.pool) if settings.metrics_port is not None else None
         self._stopping = asyncio.Event()
 
@@ -94,11 +96,13 @@ class ModelServer:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.server.add_insecure_port(address)
+        self.port = (self.server.add_secure_port(address, self.tls.server_credentials()) if self.tls
+                     else self.server.add_insecure_port(address))
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        announce(f"listening on {self.settings.host}:{self.port}{metrics} (loading models)")
-        self._register()
+        tls = ", mutual TLS" if self.tls else ""
+        announce(f"listening on {self.settings.host}:{self.port}{metrics}{tls} (loading models)")
+        await self._register()
         started = time.monotonic()
         for cap in self.capabilities:
             await asyncio.to_thread(cap.load)
@@ -108,7 +112,7 @@ class ModelServer:
         announce(f"serving {models} on port {self.port} (loaded in {time.monotonic() - started:.1f}s)")
         return self.port
 
-    def _register(self) -> None:
+    async def _register(self) -> None:
         """Registered while still loading: the mesh's health checks hold traffic until SERVING."""
         if self.registrar is None:
             return
@@ -120,7 +124,7 @@ class ModelServer:
                     port=self.port, model=model.id, pool=self.settings.pool,
                     version=model.version, grpc_service=cap.service_names[0],
                 )
-                self.registrar.register(instance)
+                await asyncio.to_thread(self.registrar.register, instance)  # HTTP off the loop
                 self.instances.append(instance)
 
     async def drain(self) -> None:
@@ -128,7 +132,7 @@ class ModelServer:
         announce("draining: NOT_SERVING")
         self.watchdog.stop()
         for instance in self.instances:
-            self.registrar.deregister(instance)  # type: ignore[union-attr]
+            await asyncio.to_thread(self.registrar.deregister, instance)  # type: ignore[union-attr]
         await self.health.enter_graceful_shutdown()
         await asyncio.sleep(self.settings.drain_delay_s)
         if self.server is not None:

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .tls import TlsFiles
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMESH_", extra="ignore")
@@ -42,3 +44,17 @@ class ServerSettings(BaseSettings):
     metrics_port: int | None = Field(
         None, description="serve Prometheus /metrics on this port (0 picks a free one, printed); unset: off"
     )
+    tls_cert: Path | None = Field(
+        None, description="serve mutual TLS with this certificate (PEM); with tls_key and tls_ca")
+    tls_key: Path | None = Field(None, description="the certificate's private key (PEM)")
+    tls_ca: Path | None = Field(
+        None, description="CA bundle (PEM) a client certificate must chain to; also what we trust as a client")
+
+    def tls_files(self) -> TlsFiles | None:
+        """The mTLS files, or None for plaintext; all three or none."""
+        given = [self.tls_cert, self.tls_key, self.tls_ca]
+        if not any(given):
+            return None
+        if not all(given):
+            raise ValueError("AIMESH_TLS_CERT, AIMESH_TLS_KEY and AIMESH_TLS_CA go together")
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca)  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from aimesh.usage.v1 import usage_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from .accounting import CallAccount
+from .tls import CONTROL_SERVER_NAME, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,10 @@ def to_record(account: CallAccount) -> usage_pb2.UsageRecord:
 
 
 class UsageReporter:
-    def __init__(self, target: str, interval_s: float = 0.2, max_buffer: int = 100_000,
-                 max_batch: int = 1000) -> None:
+    def __init__(self, target: str, tls: TlsFiles | None = None, interval_s: float = 0.2,
+                 max_buffer: int = 100_000, max_batch: int = 1000) -> None:
         self.target = target
+        self.tls = tls  # mutual TLS to the control server (our own certificate and the mesh CA)
         self.interval_s = interval_s
         self.max_batch = max_batch
         self.buffer: collections.deque[usage_pb2.UsageRecord] = collections.deque(maxlen=max_buffer)
@@ -60,15 +62,33 @@ class UsageReporter:
         self.buffer.append(to_record(account))
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target)
-        self._stub = ingest_grpc.UsageIngestServiceStub(self._channel)
+        self._connect()
         self._task = asyncio.create_task(self._run())
+
+    def _connect(self) -> None:
+        if self.tls is None:
+            self._channel = grpc.aio.insecure_channel(self.target)
+        else:
+            self.tls.changed()  # the material this channel uses: a later change means a rotation
+            self._channel = grpc.aio.secure_channel(
+                self.target, self.tls.channel_credentials(),
+                options=[("grpc.ssl_target_name_override", CONTROL_SERVER_NAME)])
+        self._stub = ingest_grpc.UsageIngestServiceStub(self._channel)
+
+    async def _reconnect_if_rotated(self) -> None:
+        """A channel's credentials are fixed: after a rotation, new calls go on a new channel."""
+        if self.tls is not None and self.tls.changed() is not None:
+            old = self._channel
+            self._connect()
+            if old is not None:
+                await old.close(grace=5)
 
     async def _send_some(self) -> bool:
         """Sends one batch; False when the collector did not take it (kept for later)."""
         batch = [self.buffer.popleft() for _ in range(min(self.max_batch, len(self.buffer)))]
         if not batch:
             return True
+        await self._reconnect_if_rotated()
         try:
             await self._stub.ReportCalls(ingest_pb.ReportCallsRequest(records=batch), timeout=5)
         except grpc.aio.AioRpcError as exc:
