@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,18 @@ class ServerSettings(BaseSettings):
     metrics_port: int | None = Field(
         None, description="serve Prometheus /metrics on this port (0 picks a free one, printed); unset: off"
     )
+    cache_enabled: bool = Field(
+        False, description="answer deterministic requests from the response cache (runtime/cache.py)")
+    cache_ttl_s: float = Field(3600.0, gt=0, description="how long a cached answer is served")
+    cache_scope: Literal["tenant", "shared"] = Field(
+        "tenant", description="tenant: entries are never served to another tenant; shared: to everyone")
+    cache_url: str | None = Field(
+        None, description="redis://... shared by every replica; unset: this process's memory")
+    cache_prefix: str = Field("aimesh:cache:", description="prefix of the cache's Redis keys")
+    cache_max_entries: int = Field(10_000, ge=1, description="memory cache: entries kept (LRU)")
+    cache_max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="memory cache: bytes kept (LRU)")
+    cache_max_entry_bytes: int = Field(
+        16 * 1024 * 1024, ge=1, description="a larger answer is not cached")
     tls_cert: Path | None = Field(
         None, description="serve mutual TLS with this certificate (PEM); with tls_key and tls_ca")
     tls_key: Path | None = Field(None, description="the certificate's private key (PEM)")
