@@ -1,0 +1,1 @@
+"""Asynchronous and batch jobs: JobService, its store and its workers."""
