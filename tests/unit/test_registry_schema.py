@@ -63,3 +63,34 @@ def test_unreadable_registry_is_a_clear_error(tmp_path):
         load_registry(write(tmp_path, "models: [unclosed"))
     with pytest.raises(RegistryError, match="model ids repeat"):
         load_registry(write(tmp_path, GOOD + GOOD.split("models:")[1]))
+
+
+def test_cache_policy_defaults_and_the_built_in_opt_ins(tmp_path):
+    chat = load_registry(write(tmp_path, GOOD)).get("chat")
+    assert chat is not None and chat.cache is None  # off unless the model opts in
+    cached = load_registry(write(tmp_path, GOOD.replace("prices:", "cache: {ttl_s: 60}\n    prices:"))).get("chat")
+    assert cached is not None and cached.cache is not None
+    assert (cached.cache.enabled, cached.cache.ttl_s, cached.cache.scope) == (True, 60, "tenant")
+    assert cached.cache.env() == {"AIMESH_CACHE_ENABLED": "true", "AIMESH_CACHE_TTL_S": "60.0",
+                                  "AIMESH_CACHE_SCOPE": "tenant"}
+    built_in = {m.capability for m in load_registry().models if m.cache is not None and m.cache.enabled}
+    assert built_in == {Capability.EMBEDDING, Capability.TEXT_TO_SPEECH}
+
+
+@pytest.mark.parametrize(("cache", "key", "message"), [
+    ("{scope: everyone}", "models[0].cache.scope", "'tenant' or 'shared'"),
+    ("{ttl_s: 0}", "models[0].cache.ttl_s", "greater than 0"),
+    ("{ttl_s: 60, size: 3}", "models[0].cache.size", "Extra inputs"),
+])
+def test_bad_cache_policies_name_the_key(tmp_path, cache, key, message):
+    with pytest.raises(RegistryError) as caught:
+        load_registry(write(tmp_path, GOOD.replace("prices:", f"cache: {cache}\n    prices:")))
+    assert f"  {key}:" in str(caught.value) and message in str(caught.value)
+
+
+def test_speech_to_text_cannot_be_cached(tmp_path):
+    stt = GOOD.replace("capability: text_generation", "capability: speech_to_text")
+    with pytest.raises(RegistryError, match="speech_to_text answers are not deterministic"):
+        load_registry(write(tmp_path, stt.replace("prices:", "cache: {enabled: true}\n    prices:")))
+    off = load_registry(write(tmp_path, stt.replace("prices:", "cache: {enabled: false}\n    prices:")))
+    assert off.models[0].cache is not None and not off.models[0].cache.enabled

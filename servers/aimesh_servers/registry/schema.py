@@ -58,6 +58,27 @@ class Pool(_Strict):
     max_concurrency: int = Field(4, ge=1, le=1024)
 
 
+# Answers the response cache may store (runtime/cache.py): a speech-to-text answer is not
+# deterministic (Whisper falls back to sampling when a window decodes badly).
+CACHEABLE = {Capability.TEXT_GENERATION, Capability.IMAGE_GENERATION, Capability.TEXT_TO_SPEECH,
+             Capability.IMAGE_TO_TEXT, Capability.EMBEDDING}
+
+
+class CachePolicy(_Strict):
+    """Response cache of a model: its servers answer a repeated deterministic request from
+    the cache (greedy or seeded text, seeded images, embeddings, speech, OCR/captions)."""
+
+    enabled: bool = True
+    ttl_s: float = Field(3600.0, gt=0, le=30 * 86400, description="how long an answer is served")
+    scope: Literal["tenant", "shared"] = Field(
+        "tenant", description="tenant: never served to another tenant; shared: to every tenant")
+
+    def env(self) -> dict[str, str]:
+        """The model server's settings (runtime/settings.py) for this policy."""
+        return {"AIMESH_CACHE_ENABLED": "true" if self.enabled else "false",
+                "AIMESH_CACHE_TTL_S": repr(self.ttl_s), "AIMESH_CACHE_SCOPE": self.scope}
+
+
 class Model(_Strict):
     id: str = Field(pattern=ID_PATTERN)
     capability: Capability
@@ -68,6 +89,7 @@ class Model(_Strict):
     parameters: dict[str, str] = Field(default_factory=dict)
     prices: dict[str, float] = Field(default_factory=dict, description="USD per unit")
     random_weights: bool = False
+    cache: CachePolicy | None = Field(None, description="response cache; unset: off")
 
     @field_validator("prices")
     @classmethod
@@ -87,6 +109,9 @@ class Model(_Strict):
         pool_ids = [p.id for p in self.pools]
         if len(set(pool_ids)) != len(pool_ids):
             raise ValueError("pool ids repeat")
+        if self.cache is not None and self.cache.enabled and self.capability not in CACHEABLE:
+            raise ValueError(f"cache: {self.capability.value} answers are not deterministic, "
+                             "so they cannot be cached")
         return self
 
     @property
