@@ -1,4 +1,8 @@
-"""Typed exceptions for failed calls, carrying the AIP-193 details the server sent."""
+"""Typed exceptions for failed calls, carrying the AIP-193 details the server sent.
+
+The class follows the status code, whose meaning per reason is the mesh's one error
+table (aimesh.error_model); `retryable` is that table's advice for the reason.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-_DETAILS_KEY = "grpc-status-details-bin"
+from . import error_model
 
 
 @dataclass
@@ -27,6 +32,14 @@ class AimeshError(Exception):
     def __str__(self) -> str:
         reason = f" [{self.reason}]" if self.reason else ""
         return f"{self.code.name}{reason}: {self.message}"
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same call may succeed later, by the error table's advice for the
+        reason (after `retry_after_s` when given); without a known reason, only
+        UNAVAILABLE is."""
+        row = error_model.TABLE.get(self.reason)
+        return row.retryable if row else self.code == grpc.StatusCode.UNAVAILABLE
 
 
 class InvalidArgumentError(AimeshError):
@@ -81,30 +94,35 @@ def from_rpc_error(error: grpc.RpcError) -> AimeshError:
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     message = error.details() if callable(getattr(error, "details", None)) else str(error)
     result = _BY_CODE.get(code, AimeshError)(code=code, message=message or "")
-    trailers = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
-    for key, value in trailers or ():
-        if key != _DETAILS_KEY:
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                result.reason, result.domain = info.reason, info.domain
-                result.metadata = dict(info.metadata)
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                result.retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                result.field_violations = {v.field: v.description for v in bad.field_violations}
-            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
-                quota = error_details_pb2.QuotaFailure()
-                detail.Unpack(quota)
-                result.quota_violations = {v.subject: v.description for v in quota.violations}
+    if callable(getattr(error, "trailing_metadata", None)):
+        _read_details(result, error)
     return result
+
+
+def _read_details(result: AimeshError, call: grpc.RpcError) -> None:
+    """ErrorInfo, RetryInfo, BadRequest and QuotaFailure from the call's google.rpc.Status."""
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(call)
+    except ValueError:  # a status whose details contradict its code or message: not trusted
+        return
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            result.reason, result.domain = info.reason, info.domain
+            result.metadata = dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            result.retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            result.field_violations = {v.field: v.description for v in bad.field_violations}
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            result.quota_violations = {v.subject: v.description for v in quota.violations}
 
 
 def stream_cut(error: AimeshError, received: int) -> AimeshError:
@@ -119,6 +137,6 @@ def stream_cut(error: AimeshError, received: int) -> AimeshError:
         code=grpc.StatusCode.UNAVAILABLE,
         message=f"the stream was cut after {received} message(s) and cannot be resumed "
                 f"({error.code.name}: {error.message})",
-        reason="STREAM_INTERRUPTED", domain="aimesh.dev",
+        reason="STREAM_INTERRUPTED", domain=error_model.DOMAIN,
         metadata={"messages_received": str(received)},
     )

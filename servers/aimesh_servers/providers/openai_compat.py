@@ -28,12 +28,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-import grpc
 import httpx
+from aimesh.common.v1 import common_pb2
+from google.rpc import code_pb2
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from aimesh.common.v1 import common_pb2
 
 from ..runtime.errors import AimeshError, ServerBusy, UpstreamFailure
 from ..text.request import (
@@ -78,19 +77,18 @@ class OpenAISettings(BaseSettings):
 class UpstreamRejected(AimeshError):
     """The provider refused the request itself (HTTP 400/422...)."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code_variant = code_pb2.INVALID_ARGUMENT
     reason = common_pb2.ERROR_REASON_UPSTREAM_FAILURE
 
 
 class UpstreamModelNotFound(AimeshError):
-    code = grpc.StatusCode.NOT_FOUND
+    code_variant = code_pb2.NOT_FOUND
     reason = common_pb2.ERROR_REASON_UPSTREAM_FAILURE
 
 
 class StreamInterrupted(AimeshError):
     """The provider's stream broke after part of the answer was sent on."""
 
-    code = grpc.StatusCode.UNAVAILABLE
     reason = common_pb2.ERROR_REASON_STREAM_INTERRUPTED
 
 
@@ -171,7 +169,8 @@ class OpenAICompatEngine:
                         if answer.abandoned:
                             break  # closing the response stops the provider's generation
         except httpx.HTTPError as exc:
-            raise self._broken(_describe(exc, self.base_url), answer) from exc
+            log.warning("provider %s: %s", self.base_url, _describe(exc))
+            raise self._broken(_describe(exc), answer) from exc
         finish = answer.finish_reason()
         if finish is None:
             raise self._broken("the provider's stream ended without a finish_reason", answer)
@@ -195,7 +194,9 @@ class OpenAICompatEngine:
     def _status_error(self, response: httpx.Response, model: str) -> AimeshError:
         status = response.status_code
         detail = self._scrub(_provider_message(response))
-        meta = {"upstream_status": str(status), "upstream": self.base_url}
+        # Where the provider is stays in our log: callers learn its answer, not its address.
+        log.info("provider %s answered HTTP %s", self.base_url, status)
+        meta = {"upstream_status": str(status)}
         said = f"(HTTP {status}: {detail})"
         if status == 429:
             return ServerBusy(f"the provider is rate limiting this adapter {said}", metadata=meta,
@@ -206,25 +207,24 @@ class OpenAICompatEngine:
                 "AIMESH_OPENAI_API_KEY needs fixing, the request itself is fine", metadata=meta)
         if status == 404:
             return UpstreamModelNotFound(
-                f"the provider at {self.base_url} has no model {model!r} {said}",
+                f"the provider has no model {model!r} {said}",
                 metadata={**meta, "upstream_model": model})
         if 400 <= status < 500 and status != 408:
             return UpstreamRejected(f"the provider rejected the request {said}", metadata=meta)
         return UpstreamFailure(f"the provider failed {said}", metadata=meta)
 
     def _broken(self, what: str, answer: _Answer) -> AimeshError:
-        meta = {"upstream": self.base_url}
         if answer.sent:
-            return StreamInterrupted(f"{what}; the answer was cut after it started", metadata=meta)
-        return UpstreamFailure(what, metadata=meta)
+            return StreamInterrupted(f"{what}; the answer was cut after it started")
+        return UpstreamFailure(what)
 
 
-def _describe(exc: httpx.HTTPError, base_url: str) -> str:
+def _describe(exc: httpx.HTTPError) -> str:
     if isinstance(exc, httpx.TimeoutException):
-        return f"the provider at {base_url} did not answer in time ({type(exc).__name__})"
+        return f"the provider did not answer in time ({type(exc).__name__})"
     if isinstance(exc, httpx.ConnectError):
-        return f"cannot reach the provider at {base_url}: {exc}"
-    return f"the connection to the provider at {base_url} failed: {exc}"
+        return f"cannot reach the provider: {exc}"
+    return f"the connection to the provider failed: {exc}"
 
 
 class _Answer:

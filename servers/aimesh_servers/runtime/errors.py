@@ -1,26 +1,31 @@
-"""Domain errors and their AIP-193 form (gRPC status + google.rpc.ErrorInfo).
+"""Domain errors: a stable reason and the facts (field, metadata, retry delay), no transport.
 
-Engines and servicers raise these; one interceptor turns them into statuses, so no
-servicer method carries its own try/except.
+Engines and servicers raise these; one interceptor turns them into gRPC statuses, taking
+the code from the mesh's one error table (aimesh.error_model), so no servicer method
+carries its own try/except and no engine imports grpc.
 """
 
 from __future__ import annotations
 
-import grpc
-from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from typing import ClassVar
 
+from aimesh import error_model
 from aimesh.common.v1 import common_pb2
+from google.rpc import code_pb2
 
-DOMAIN = "aimesh.dev"
+DOMAIN = error_model.DOMAIN
 
 
 class AimeshError(Exception):
     """An error a caller should see, with a stable reason."""
 
-    code = grpc.StatusCode.INTERNAL
-    reason = common_pb2.ERROR_REASON_ENGINE_FAILURE
+    reason: ClassVar[int] = common_pb2.ERROR_REASON_ENGINE_FAILURE
+    # One of the reason's variant codes in the table, when the facts call for it.
+    code_variant: ClassVar[int | None] = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        error_model.code_for(cls.reason, cls.code_variant)  # a reason or variant not in the table fails at import
 
     def __init__(
         self,
@@ -40,55 +45,32 @@ class AimeshError(Exception):
 
     @property
     def reason_name(self) -> str:
-        return common_pb2.ErrorReason.Name(self.reason).removeprefix("ERROR_REASON_")
+        return error_model.reason_name(self.reason)
 
-    def to_status(self) -> grpc.Status:
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason_name, domain=DOMAIN, metadata=self.metadata
-        )
-        details = [info]
-        if self.field:
-            details.append(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=self.field, description=self.message
-                        )
-                    ]
-                )
-            )
-        if self.retry_after_s is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(self.retry_after_s * 1e9))
-            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
-        for detail in details:
-            status.details.add().Pack(detail)
-        return rpc_status.to_status(status)
+    @property
+    def code(self) -> int:
+        """The google.rpc.Code the error table gives this error."""
+        return error_model.code_for(self.reason, self.code_variant)
 
 
 class InvalidArgument(AimeshError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
     reason = common_pb2.ERROR_REASON_INVALID_FIELD
 
 
 class OutOfRange(AimeshError):
-    code = grpc.StatusCode.OUT_OF_RANGE
+    code_variant = code_pb2.OUT_OF_RANGE
     reason = common_pb2.ERROR_REASON_INVALID_FIELD
 
 
 class MalformedRequest(AimeshError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
     reason = common_pb2.ERROR_REASON_MALFORMED_REQUEST
 
 
 class UnsupportedMedia(AimeshError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
     reason = common_pb2.ERROR_REASON_UNSUPPORTED_MEDIA
 
 
 class ModelNotFound(AimeshError):
-    code = grpc.StatusCode.NOT_FOUND
     reason = common_pb2.ERROR_REASON_MODEL_NOT_FOUND
 
     def __init__(self, model: str, available: list[str], *, field: str = "model") -> None:
@@ -101,22 +83,18 @@ class ModelNotFound(AimeshError):
 
 
 class ServerBusy(AimeshError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = common_pb2.ERROR_REASON_SERVER_BUSY
 
 
 class NotReady(AimeshError):
-    code = grpc.StatusCode.UNAVAILABLE
     reason = common_pb2.ERROR_REASON_SERVER_NOT_READY
 
 
 class EngineFailure(AimeshError):
-    code = grpc.StatusCode.INTERNAL
     reason = common_pb2.ERROR_REASON_ENGINE_FAILURE
 
 
 class UpstreamFailure(AimeshError):
-    code = grpc.StatusCode.UNAVAILABLE
     reason = common_pb2.ERROR_REASON_UPSTREAM_FAILURE
 
 
@@ -127,17 +105,14 @@ def media_detail(exc: Exception) -> str:
 
 
 class Unauthenticated(AimeshError):
-    code = grpc.StatusCode.UNAUTHENTICATED
     reason = common_pb2.ERROR_REASON_UNAUTHENTICATED
 
 
 class PermissionDenied(AimeshError):
-    code = grpc.StatusCode.PERMISSION_DENIED
     reason = common_pb2.ERROR_REASON_PERMISSION_DENIED
 
 
 class TenantNotFound(AimeshError):
-    code = grpc.StatusCode.NOT_FOUND
     reason = common_pb2.ERROR_REASON_TENANT_NOT_FOUND
 
     def __init__(self, tenant_id: str, *, field: str = "tenant_id") -> None:
@@ -146,7 +121,6 @@ class TenantNotFound(AimeshError):
 
 
 class TokenNotFound(AimeshError):
-    code = grpc.StatusCode.NOT_FOUND
     reason = common_pb2.ERROR_REASON_TOKEN_NOT_FOUND
 
     def __init__(self, token_id: str) -> None:
@@ -155,7 +129,6 @@ class TokenNotFound(AimeshError):
 
 
 class TenantAlreadyExists(AimeshError):
-    code = grpc.StatusCode.ALREADY_EXISTS
     reason = common_pb2.ERROR_REASON_TENANT_ALREADY_EXISTS
 
     def __init__(self, tenant_id: str) -> None:

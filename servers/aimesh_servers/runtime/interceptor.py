@@ -25,11 +25,14 @@ from concurrent.futures import Executor
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from . import accounting
 from .admission import Admission, Ticket
-from .errors import AimeshError, EngineFailure, MalformedRequest
+from .errors import DOMAIN, AimeshError, EngineFailure, MalformedRequest
 from .service import SERVED_BY_METADATA
 from .streams import CALL_EXECUTOR
 from .watchdog import Watchdog
@@ -40,6 +43,31 @@ _PASSTHROUGH = ("/grpc.health.v1.", "/grpc.reflection.")
 # gRPC clients with a retry policy wait this long before their next attempt, or make
 # none when it is negative: the SDK's retries follow RetryInfo through it.
 PUSHBACK_HEADER = "grpc-retry-pushback-ms"
+
+
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def grpc_code(exc: AimeshError) -> grpc.StatusCode:
+    return _GRPC_CODES[exc.code]
+
+
+def status_of(exc: AimeshError) -> grpc.Status:
+    """The AIP-193 status of a domain error: the error table's code, ErrorInfo, and
+    BadRequest (a field) and RetryInfo (a delay) when the error has them."""
+    details: list[Any] = [error_details_pb2.ErrorInfo(
+        reason=exc.reason_name, domain=DOMAIN, metadata=exc.metadata)]
+    if exc.field:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)]))
+    if exc.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=exc.code, message=exc.message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)
 
 
 class _Status(namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
@@ -113,7 +141,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
         async def fail(context: grpc.aio.ServicerContext, exc: BaseException, outcome: _Outcome) -> None:
             """Records why the call ended and answers with the right status."""
             if isinstance(exc, AimeshError):
-                outcome.set(exc.code, exc.reason_name)
+                outcome.set(grpc_code(exc), exc.reason_name)
                 await self._abort(context, exc, method)
             elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 outcome.set(grpc.StatusCode.CANCELLED)
@@ -125,7 +153,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                 log.error("%s failed, incident %s", method, incident, exc_info=exc)
                 failure = EngineFailure(f"{method} failed with an internal error (incident {incident})",
                                         metadata={"incident_id": incident})
-                outcome.set(failure.code, failure.reason_name)
+                outcome.set(grpc_code(failure), failure.reason_name)
                 await self._abort(context, failure, method)
 
         if handler.unary_unary or handler.stream_unary:
@@ -190,9 +218,10 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: AimeshError, method: str) -> None:
-        log.info("%s -> %s %s: %s", method, exc.code.name, exc.reason_name, exc.message)
-        status = exc.to_status()
-        if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.retry_after_s is not None:
+        code = grpc_code(exc)
+        log.info("%s -> %s %s: %s", method, code.name, exc.reason_name, exc.message)
+        status = status_of(exc)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.retry_after_s is not None:
             # A retry the caller's deadline cannot wait for would only fail later: say none.
             remaining = context.time_remaining()
             fits = remaining is None or exc.retry_after_s < remaining
