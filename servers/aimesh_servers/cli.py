@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                          "of a requests-per-window limit (default 1)")
     up.add_argument("--trust-issuer", metavar="FILE",
                     help="YAML list of external identity providers whose tokens are accepted")
+    up.add_argument("--ops-port", type=int, default=9902,
+                    help="operator page on 127.0.0.1 (default 9902; a free port if taken; 0: a free one)")
     up.add_argument("--stats-window-s", type=float, default=300.0,
                     help="the window of the registry API's live figures per model and pool (default 300)")
     up.set_defaults(func=_up)

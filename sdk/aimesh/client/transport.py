@@ -1,9 +1,10 @@
 """Channels, metadata, deadlines and error mapping shared by every capability client.
 
 Each call gets a deadline (the client's default or the call's own `timeout`), the
-tenant token as `authorization: Bearer ...`, and the routing header naming the
-model. Retries are a gRPC service config on the channel, never hand-written loops: a
-call that fails UNAVAILABLE, or RESOURCE_EXHAUSTED from a busy server (`retry_busy`),
+tenant token as `authorization: Bearer ...`, the routing header naming the
+model, and the caller's OpenTelemetry trace context when it has one (client.tracing).
+Retries are a gRPC service config on the channel, never hand-written loops: a call
+that fails UNAVAILABLE, or RESOURCE_EXHAUSTED from a busy server (`retry_busy`),
 before any response arrived is tried again, at most `max_attempts` times in all.
 
 A busy aimesh server answers RESOURCE_EXHAUSTED with RetryInfo and the same delay,
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 
 from ..errors import from_rpc_error, stream_cut
+from .tracing import traced
 
 MODEL_HEADER = "x-aimesh-model"
 DEFAULT_TIMEOUT_S = 120.0
@@ -92,24 +94,28 @@ class Transport(_Common):
 
     def unary(self, method: Callable[..., Resp], request: Any, *, model: str = "",
               timeout: float | None = None) -> Resp:
-        try:
-            return method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        with traced(method) as trace_context:
+            try:
+                return method(request, metadata=[*self.metadata(model), *trace_context],
+                              timeout=self.deadline(timeout))
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
 
     def stream(self, method: Callable[..., Any], request: Any, *, model: str = "",
                timeout: float | None = None) -> Iterator[Any]:
         """Server (or bidi) stream; leaving the loop early cancels the call on the server."""
-        call = method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
-        received = 0
-        try:
-            for response in call:
-                received += 1
-                yield response
-        except grpc.RpcError as exc:
-            raise stream_cut(from_rpc_error(exc), received) from None
-        finally:
-            call.cancel()
+        with traced(method) as trace_context:
+            call = method(request, metadata=[*self.metadata(model), *trace_context],
+                          timeout=self.deadline(timeout))
+            received = 0
+            try:
+                for response in call:
+                    received += 1
+                    yield response
+            except grpc.RpcError as exc:
+                raise stream_cut(from_rpc_error(exc), received) from None
+            finally:
+                call.cancel()
 
 
 class AsyncTransport(_Common):
@@ -121,20 +127,24 @@ class AsyncTransport(_Common):
 
     async def unary(self, method: Callable[..., Any], request: Any, *, model: str = "",
                     timeout: float | None = None) -> Any:
-        try:
-            return await method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        with traced(method) as trace_context:
+            try:
+                return await method(request, metadata=[*self.metadata(model), *trace_context],
+                                    timeout=self.deadline(timeout))
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
 
     async def stream(self, method: Callable[..., Any], request: Any, *, model: str = "",
                      timeout: float | None = None) -> AsyncIterator[Any]:
-        call = method(request, metadata=self.metadata(model), timeout=self.deadline(timeout))
-        received = 0
-        try:
-            async for response in call:
-                received += 1
-                yield response
-        except grpc.RpcError as exc:
-            raise stream_cut(from_rpc_error(exc), received) from None
-        finally:
-            call.cancel()
+        with traced(method) as trace_context:
+            call = method(request, metadata=[*self.metadata(model), *trace_context],
+                          timeout=self.deadline(timeout))
+            received = 0
+            try:
+                async for response in call:
+                    received += 1
+                    yield response
+            except grpc.RpcError as exc:
+                raise stream_cut(from_rpc_error(exc), received) from None
+            finally:
+                call.cancel()

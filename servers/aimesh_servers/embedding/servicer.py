@@ -7,6 +7,7 @@ from aimesh.common.v1 import common_pb2
 from aimesh.embedding.v1 import embedding_pb2 as pb
 from aimesh.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
+from ..runtime import tracing
 from ..runtime.service import (
     EngineServicer,
     requested_model,
@@ -26,7 +27,9 @@ class EmbeddingServicer(EngineServicer, pb_grpc.EmbeddingServiceServicer):
         asked = requested_model(request.model, context)
         model = resolve_model(self.models, asked, request.model_version)
         embed = EmbedRequest(texts=list(request.texts), normalize=request.normalize)
-        result = await self.engine.embed_batched(embed)
+        with tracing.stage("embedding.batch", texts=len(embed.texts)) as stage:
+            result = await self.engine.embed_batched(embed)
+            stage.set(tokens=result.tokens)
         served = served_by(model, self.pool, asked)
         await send_served_by(context, served)
         return pb.EmbedResponse(

@@ -10,6 +10,7 @@ from aimesh.common.v1 import common_pb2
 from aimesh.image.v1 import image_generation_pb2 as pb
 from aimesh.image.v1 import image_generation_pb2_grpc as pb_grpc
 
+from ..runtime import tracing
 from ..runtime.service import (
     EngineServicer,
     requested_model,
@@ -58,19 +59,21 @@ class ImageGenerationServicer(EngineServicer, pb_grpc.ImageGenerationServiceServ
         job = await asyncio.to_thread(self.engine.prepare, self._request(req))
         served = served_by(model, self.pool, asked)
         await send_served_by(context, served)
-        async for event in iterate_in_thread(lambda cancel: self.engine.stream(job, cancel)):
-            if isinstance(event, StepDone):
-                yield response(progress=pb.Progress(
-                    step=event.step, total_steps=event.total_steps, preview_png=event.preview_png
-                ))
-            elif isinstance(event, FinishedImage):
-                yield response(image=pb.GeneratedImage(
-                    png=event.png, width=event.width, height=event.height, seed=event.seed,
-                    index=event.index,
-                ))
-            elif isinstance(event, Done):
-                usage = common_pb2.Usage(unit="image_steps", output_units=event.images * event.steps)
-                yield response(result=pb.ImageResult(usage=usage, served_by=served))
+        with tracing.stage("image.diffusion") as stage:
+            async for event in iterate_in_thread(lambda cancel: self.engine.stream(job, cancel)):
+                if isinstance(event, StepDone):
+                    stage.set(steps_done=event.step, total_steps=event.total_steps)
+                    yield response(progress=pb.Progress(
+                        step=event.step, total_steps=event.total_steps, preview_png=event.preview_png
+                    ))
+                elif isinstance(event, FinishedImage):
+                    yield response(image=pb.GeneratedImage(
+                        png=event.png, width=event.width, height=event.height, seed=event.seed,
+                        index=event.index,
+                    ))
+                elif isinstance(event, Done):
+                    usage = common_pb2.Usage(unit="image_steps", output_units=event.images * event.steps)
+                    yield response(result=pb.ImageResult(usage=usage, served_by=served))
 
     async def GenerateImage(
         self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext

@@ -39,6 +39,7 @@ from . import envoy_process
 from .children import terminate_with_parent
 from .controller import EndpointController
 from .envoy_config import MeshSpec
+from .ops_page import OpsPage
 from .status import LiveFigures, ReadinessServer, recorded_costs
 
 
@@ -177,6 +178,19 @@ def _write_prometheus_config(state: Path, servers: list[ServerProc], admin_port:
     return path
 
 
+def _start_ops_page(port: int, spec: MeshSpec) -> OpsPage:
+    """The operator page on 127.0.0.1; a free port when the asked one is taken."""
+    front_host = "127.0.0.1" if spec.listen_host in ("0.0.0.0", "::") else spec.listen_host
+    page_args = (f"{front_host}:{spec.port}", f"http://127.0.0.1:{spec.admin_port}", spec.state_dir)
+    try:
+        page = OpsPage(port, *page_args)
+    except OSError as exc:
+        say(f"warning: operator page port {port} is taken ({exc.strerror}): using a free one")
+        page = OpsPage(0, *page_args)
+    page.start()
+    return page
+
+
 def _select(registry: Registry, only: list[str] | None) -> Registry:
     if not only:
         return registry
@@ -266,9 +280,12 @@ async def _run(args: argparse.Namespace) -> int:
     envoy = envoy_process.start(config, state / "logs" / "envoy.log")
     servers: list[ServerProc] = []
     tasks: list[asyncio.Task[None]] = []
+    closers: list[Callable[[], None]] = []
     try:
         await asyncio.to_thread(envoy_process.wait_ready, args.admin_port, envoy)
         say(f"envoy listening on {spec.listen_host}:{spec.port} (pid {envoy.pid})")
+        ops = _start_ops_page(args.ops_port, spec)
+        closers.append(ops.close)
         discovery: Discovery = (ConsulDiscovery(args.consul) if args.consul
                                 else LocalDiscovery(state / "registrations"))
         if args.consul:
@@ -298,7 +315,7 @@ async def _run(args: argparse.Namespace) -> int:
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
-            say(_banner(spec, access))
+            say(_banner(spec, access) + f"\n  page:    http://127.0.0.1:{ops.port}/  (operator page, this machine only)")
         await stop.wait()
     finally:
         stop.set()  # supervisors restart nothing from here on
@@ -319,6 +336,8 @@ async def _run(args: argparse.Namespace) -> int:
         await plane.close()  # every call the servers reported and Envoy logged is written
         await control.drain()
         readiness.close()
+        for close in closers:
+            close()
         say("stopped")
     return 0
 

@@ -35,6 +35,7 @@ from .admission import Admission, Ticket
 from .errors import DOMAIN, AimeshError, EngineFailure, MalformedRequest
 from .service import SERVED_BY_METADATA
 from .streams import CALL_EXECUTOR
+from .tracing import CallTrace, CallTracer
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,11 @@ class _Outcome:
 
 class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, admission: Admission, executor: Executor | None = None,
-                 watchdog: Watchdog | None = None) -> None:
+                 watchdog: Watchdog | None = None, tracer: CallTracer | None = None) -> None:
         self.admission = admission
         self.executor = executor
         self.watchdog = watchdog
+        self.tracer = tracer  # None: tracing off
 
     async def intercept_service(
         self,
@@ -118,17 +120,26 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             async for raw in raw_iter:
                 yield decode(raw)
 
-        async def admit(context: grpc.aio.ServicerContext) -> Ticket:
+        async def admit(context: grpc.aio.ServicerContext) -> tuple[Ticket, CallTrace | None]:
+            trace = self.tracer.begin(method, context) if self.tracer is not None else None
             try:
                 ticket = await self.admission.acquire(context.time_remaining())
             except AimeshError as exc:
+                if trace is not None:
+                    trace.refused(exc.code, exc)
                 await self._abort(context, exc, method)
+            if trace is not None:
+                trace.admitted(ticket)
             CALL_EXECUTOR.set(self.executor)
             if self.watchdog is not None:
                 self.watchdog.begin()
-            return ticket
+            return ticket, trace
 
-        def release(ticket: Ticket) -> None:
+        def finish(ticket: Ticket, account: accounting.CallAccount, outcome: _Outcome,
+                   trace: CallTrace | None) -> None:
+            account.end(outcome.code, outcome.reason)
+            if trace is not None:
+                trace.end(account, outcome.code, outcome.reason)
             self.admission.release(ticket)
             if self.watchdog is not None:
                 self.watchdog.end()
@@ -161,7 +172,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             streaming_request = handler.stream_unary is not None
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                ticket = await admit(context)
+                ticket, trace = await admit(context)
                 account = accounting.begin(method, context)
                 outcome = _Outcome()
                 try:
@@ -174,8 +185,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                     await fail(context, exc, outcome)
                     raise
                 finally:
-                    account.end(outcome.code, outcome.reason)
-                    release(ticket)
+                    finish(ticket, account, outcome, trace)
 
             factory = (
                 grpc.stream_unary_rpc_method_handler
@@ -188,7 +198,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
         streaming_request = handler.stream_stream is not None
 
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            ticket = await admit(context)
+            ticket, trace = await admit(context)
             account = accounting.begin(method, context)
             outcome = _Outcome()
             try:
@@ -206,8 +216,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                 await fail(context, exc, outcome)
                 raise
             finally:
-                account.end(outcome.code, outcome.reason)
-                release(ticket)
+                finish(ticket, account, outcome, trace)
 
         factory = (
             grpc.stream_stream_rpc_method_handler

@@ -28,6 +28,7 @@ from .interceptor import AimeshServerInterceptor
 from .metrics import ServerMetrics
 from .service import Capability
 from .settings import ServerSettings
+from .tracing import CallTracer
 from .usage_reporter import UsageReporter
 from .watchdog import Watchdog
 
@@ -59,6 +60,7 @@ class ModelServer:
         # A TlsFiles of its own: each user of the files notices a rotation for itself.
         self.usage = UsageReporter(settings.usage_addr, settings.tls_files()) if settings.usage_addr else None
         self.metrics = ServerMetrics(self.limit, settings.pool) if settings.metrics_port is not None else None
+        self.tracer = CallTracer.from_settings(settings)  # None: tracing off
         self._stopping = asyncio.Event()
 
     @property
@@ -75,7 +77,7 @@ class ModelServer:
 
     async def start(self) -> int:
         self.server = grpc.aio.server(
-            interceptors=[AimeshServerInterceptor(self.limit, self.executor, self.watchdog)],
+            interceptors=[AimeshServerInterceptor(self.limit, self.executor, self.watchdog, self.tracer)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -98,6 +100,8 @@ class ModelServer:
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = (self.server.add_secure_port(address, self.tls.server_credentials()) if self.tls
                      else self.server.add_insecure_port(address))
+        if self.tracer is not None:
+            self.tracer.replica = f"{self.settings.advertise_host or self.settings.host}:{self.port}"
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         tls = ", mutual TLS" if self.tls else ""
@@ -140,6 +144,8 @@ class ModelServer:
         self.executor.shutdown(wait=False)
         if self.metrics is not None:
             self.metrics.close()
+        if self.tracer is not None:  # after the last call ended: its spans go out too
+            await asyncio.to_thread(self.tracer.shutdown)
         if self.usage is not None:  # after the last call ended: its usage goes out too
             accounting.install_sink(None)
             await self.usage.close()

@@ -45,6 +45,10 @@ class ServerSettings(BaseSettings):
     metrics_port: int | None = Field(
         None, description="serve Prometheus /metrics on this port (0 picks a free one, printed); unset: off"
     )
+    otlp_endpoint: str | None = Field(
+        None, description="export trace spans over OTLP/gRPC to host:port; unset: tracing off")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of new traces sampled (a caller's sampled flag wins)")
     cache_enabled: bool = Field(
         False, description="answer deterministic requests from the response cache (runtime/cache.py)")
     cache_ttl_s: float = Field(3600.0, gt=0, description="how long a cached answer is served")

@@ -19,6 +19,7 @@ from ..runtime.service import (
     send_served_by,
     served_by,
 )
+from ..runtime import tracing
 from ..runtime.streams import iterate_in_thread
 from .stt_engine import RecognitionOptions, RecognitionSession, Segment, SttEngine
 
@@ -87,7 +88,8 @@ class SpeechToTextServicer(EngineServicer, pb_grpc.SpeechToTextServiceServicer):
         session = self._session(request.config, "audio")
         await asyncio.to_thread(session.load, request.audio)  # broken audio fails before any header
         await send_served_by(context, served)
-        segments = [s async for s in iterate_in_thread(session.recognize)]
+        with tracing.stage("stt.transcribe", audio_s=round(session.seconds, 3)):
+            segments = [s async for s in iterate_in_thread(session.recognize)]
         return pb.RecognizeResponse(
             text="".join(s.text for s in segments).strip(),
             segments=[_segment(s) for s in segments],
@@ -119,14 +121,16 @@ class SpeechToTextServicer(EngineServicer, pb_grpc.SpeechToTextServiceServicer):
 
         async for chunk in chunks():
             if chunk and await asyncio.to_thread(session.feed, chunk):
-                async for segment in iterate_in_thread(session.decide):
-                    yield pb.StreamingRecognizeResponse(
-                        segment=_segment(segment), language=session.language
-                    )
-        async for segment in iterate_in_thread(session.finish):
-            yield pb.StreamingRecognizeResponse(
-                segment=_segment(segment), language=session.language
-            )
+                with tracing.stage("stt.window", audio_s=round(session.seconds, 3)):
+                    async for segment in iterate_in_thread(session.decide):
+                        yield pb.StreamingRecognizeResponse(
+                            segment=_segment(segment), language=session.language
+                        )
+        with tracing.stage("stt.final_window", audio_s=round(session.seconds, 3)):
+            async for segment in iterate_in_thread(session.finish):
+                yield pb.StreamingRecognizeResponse(
+                    segment=_segment(segment), language=session.language
+                )
         yield pb.StreamingRecognizeResponse(
             language=session.language, usage=_usage(session), served_by=served
         )

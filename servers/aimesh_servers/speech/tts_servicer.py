@@ -17,6 +17,7 @@ from ..runtime.service import (
     send_served_by,
     served_by,
 )
+from ..runtime import tracing
 from ..runtime.streams import iterate_in_thread
 from .tts_engine import SynthesisRequest, TtsEngine
 
@@ -52,11 +53,13 @@ class TextToSpeechServicer(EngineServicer, pb_grpc.TextToSpeechServiceServicer):
         self.engine.validate(synthesis)  # fail before any header is sent
         await send_served_by(context, served)
         seconds, rate = 0.0, self.engine.voice(synthesis.voice).sample_rate
-        async for piece in iterate_in_thread(lambda cancel: self.engine.stream(synthesis, cancel)):
-            seconds += piece.seconds
-            yield pb.SynthesizeResponse(
-                audio_chunk=piece.audio, sample_rate_hz=rate, text=piece.text
-            )
+        with tracing.stage("tts.synthesize", characters=len(synthesis.text)) as stage:
+            async for piece in iterate_in_thread(lambda cancel: self.engine.stream(synthesis, cancel)):
+                seconds += piece.seconds
+                stage.set(audio_s=round(seconds, 3))
+                yield pb.SynthesizeResponse(
+                    audio_chunk=piece.audio, sample_rate_hz=rate, text=piece.text
+                )
         yield pb.SynthesizeResponse(
             sample_rate_hz=rate,
             served_by=served,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from ..runtime import tracing
 from ..runtime.errors import NotReady
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already through the model
     prefill_cache: DynamicCache | None = None
     next_token: int = 0  # the token the next decode step feeds
+    # Spans of its stages (prefill, decode) in its call's trace; made where the call submits it.
+    stages: tracing.Stages | tracing.NoStages = field(default_factory=tracing.stages)
 
     def __post_init__(self) -> None:
         if self.sampling.temperature > 0:
@@ -151,6 +154,8 @@ class SlotCache:
 
 
 def _send(seq: Sequence, event: int | Finished) -> None:
+    if isinstance(event, Finished):
+        seq.stages.close(event.reason, completion_tokens=seq.generated)
     try:
         seq.emit(event)
     except Exception:  # noqa: BLE001 - its consumer is gone (a closed event loop): stop working for it
@@ -290,6 +295,7 @@ class BatchScheduler:
                 size = min(self.prefill_chunk, len(seq.prompt) - seq.prefilled)
                 if seq.prefill_cache is None:
                     seq.prefill_cache = DynamicCache(config=self.model.config)
+                    seq.stages.enter("text.prefill", prompt_tokens=len(seq.prompt))
                 chunk = torch.tensor([seq.prompt[seq.prefilled: seq.prefilled + size]])
                 logits = self.model(input_ids=chunk, cache=seq.prefill_cache, use_cache=True,
                                     logits_to_keep=1).logits[:, -1]
@@ -301,6 +307,7 @@ class BatchScheduler:
             self._prefilling.remove(seq)
             self._running.append(seq)
             seq.prefill_cache = None
+            seq.stages.enter("text.decode")
             self._advance(seq, pick_tokens(logits, [seq])[0])
 
     def _decode_step(self) -> None:

@@ -1,0 +1,61 @@
+"""Server spans over a real in-process gRPC server (the real all-MiniLM-L6-v2 embedding
+model) exporting to a real OTLP/gRPC receiver, and the SDK's client span around the call."""
+
+from __future__ import annotations
+
+import aimesh
+import pytest
+from aimesh_servers import embedding
+from aimesh_servers.runtime import tracing
+from opentelemetry import trace
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+from tests.otlp_receiver import OtlpReceiver, caller_tracing, running_receiver
+from tests.servers import in_process_server
+
+MODEL = embedding.DEFAULT_MODEL.id
+SERVER = trace_pb2.Span.SpanKind.SPAN_KIND_SERVER
+CLIENT = trace_pb2.Span.SpanKind.SPAN_KIND_CLIENT
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    yield from running_receiver()
+
+
+def test_stages_outside_a_traced_call_are_shared_no_ops():
+    assert tracing.stage("embedding.batch", texts=1) is tracing.stage("image.diffusion")
+    assert tracing.stages() is tracing.stages()
+    with tracing.stage("x") as stage:
+        stage.set(anything=1)
+
+
+async def test_a_call_continues_the_callers_trace_with_admission_model_work_and_result(receiver: OtlpReceiver):
+    servicer = embedding.build(embedding.DEFAULT_MODEL, embedding.ServerSettings())
+    with caller_tracing(receiver.endpoint) as processor:
+        async with in_process_server([servicer], otlp_endpoint=receiver.endpoint) as (server, _):
+            async with aimesh.AsyncClient(f"127.0.0.1:{server.port}", max_attempts=1) as client:
+                with trace.get_tracer("test").start_as_current_span("caller") as caller:
+                    await client.embedding.embed(MODEL, ["A man is eating food."])
+                trace_id = format(caller.get_span_context().trace_id, "032x")
+        processor.force_flush()  # the server flushed its spans when it drained
+    spans = receiver.wait_for(lambda got: len(got) >= 6, "caller, client, server and 3 child spans",
+                              trace_id=trace_id)
+    by_name = {s.name: s for s in spans}
+    client_span = by_name["aimesh.embedding.v1.EmbeddingService/Embed"]
+    server_span = next(s for s in spans if s.kind == SERVER)
+    assert client_span.kind == CLIENT and client_span.parent_id == by_name["caller"].span_id
+    assert server_span.parent_id == client_span.span_id and server_span.service == "aimesh-server"
+    assert server_span.attributes["rpc.system"] == "grpc"
+    assert server_span.attributes["rpc.method"] == "Embed"
+    assert server_span.attributes["rpc.grpc.status_code"] == 0
+    assert server_span.attributes["aimesh.model"] == MODEL
+    assert server_span.attributes["aimesh.pool"] == "local"
+    assert server_span.attributes["aimesh.replica"] == f"127.0.0.1:{server.port}"
+    assert server_span.attributes["aimesh.units.unit"] == "tokens"
+    assert server_span.attributes["aimesh.units.input"] > 0
+    assert server_span.attributes["aimesh.finish_reason"] == "complete"
+    for child in ("aimesh.admission", "embedding.batch", "aimesh.result"):
+        assert by_name[child].parent_id == server_span.span_id, child
+    assert by_name["embedding.batch"].attributes["aimesh.texts"] == 1
+    assert client_span.attributes["rpc.grpc.status_code"] == 0
