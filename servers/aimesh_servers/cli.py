@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
                          "of a requests-per-window limit (default 1)")
     up.add_argument("--trust-issuer", metavar="FILE",
                     help="YAML list of external identity providers whose tokens are accepted")
+    up.add_argument("--mtls", action="store_true",
+                    help="mutual TLS between Envoy, the model servers and the control server "
+                         "(certificates from --certs-dir, made there if missing)")
+    up.add_argument("--certs-dir", help="the mesh certificates (aimesh certs; default STATE_DIR/certs)")
+    up.add_argument("--tls-cert", metavar="FILE", help="the front door serves TLS with this certificate (PEM)")
+    up.add_argument("--tls-key", metavar="FILE", help="the front door certificate's key (PEM)")
     up.add_argument("--ops-port", type=int, default=9902,
                     help="operator page on 127.0.0.1 (default 9902; a free port if taken; 0: a free one)")
     up.add_argument("--stats-window-s", type=float, default=300.0,

@@ -33,6 +33,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from ..registry.schema import Capability, Model, Registry
 from ..runtime.errors import DOMAIN
+from .certs import CONTROL, ENVOY_CLIENT_SECRET, MESH_CA_SECRET, MODEL_SERVER, CertStore
 from .tenancy_envoy import (
     ADMIN_CAPABILITY,
     INGEST_SERVICE_PREFIX,
@@ -124,6 +125,11 @@ class MeshSpec:
     tenancy: bool = True
     # /readyz is forwarded to this loopback port (status.ReadinessServer); 0: none runs.
     readiness_port: int = 0
+    # Mutual TLS to model servers and control, with the certificates of this folder
+    # (mesh.certs); None: plaintext upstreams.
+    mesh_certs: Path | None = None
+    # The front door's own certificate and key (PEM files); None: plaintext listener.
+    front_tls: tuple[Path, Path] | None = None
 
     @property
     def eds_dir(self) -> Path:
@@ -162,12 +168,58 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def _sds_file(path: Path) -> dict[str, Any]:
+    """File-based SDS: Envoy re-reads the secret when a file is renamed into its folder."""
+    return {"resource_api_version": "V3", "path_config_source": {
+        "path": str(path), "watched_directory": {"path": str(path.parent)}}}
+
+
+def upstream_tls(spec: MeshSpec, peer: str) -> dict[str, Any]:
+    """With mesh_certs: Envoy calls `peer` (an identity of mesh.certs) over mutual TLS, with
+    its client certificate and the mesh CA bundle from SDS files (a rotation applies without
+    a restart), and accepts only a certificate naming that identity. Health checks use the
+    cluster's transport socket, so they are mutual TLS too."""
+    if spec.mesh_certs is None:
+        return {}
+    store = CertStore(spec.mesh_certs)
+    return {"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        sni=peer,
+        common_tls_context={
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [{
+                "name": ENVOY_CLIENT_SECRET, "sds_config": _sds_file(store.sds_path(ENVOY_CLIENT_SECRET))}],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": [
+                    {"san_type": "DNS", "matcher": {"exact": peer}}]},
+                "validation_context_sds_secret_config": {
+                    "name": MESH_CA_SECRET, "sds_config": _sds_file(store.sds_path(MESH_CA_SECRET))},
+            },
+        })}}
+
+
+def front_door_tls(spec: MeshSpec) -> dict[str, Any]:
+    """With front_tls: the listener serves TLS with the given certificate; ALPN offers h2
+    (gRPC) and http/1.1 (curl, browsers)."""
+    if spec.front_tls is None:
+        return {}
+    cert, key = spec.front_tls
+    return {"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        common_tls_context={
+            "alpn_protocols": ["h2", "http/1.1"],
+            "tls_certificates": [{"certificate_chain": {"filename": str(cert)},
+                                  "private_key": {"filename": str(key)}}],
+        })}}
+
+
 def model_cluster(spec: MeshSpec, model: Model) -> dict[str, Any]:
     return {
         "name": model.cluster,
         "type": "EDS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": _http2(),
+        **upstream_tls(spec, MODEL_SERVER),
         "eds_cluster_config": {
             "eds_config": {
                 "resource_api_version": "V3",
@@ -230,6 +282,7 @@ def control_cluster(spec: MeshSpec) -> dict[str, Any]:
         "type": "STATIC",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": _http2(),
+        **upstream_tls(spec, CONTROL),
         "load_assignment": {
             "cluster_name": CONTROL_CLUSTER,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
@@ -541,7 +594,7 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
             "listeners": [{
                 "name": "front_door",
                 "address": {"socket_address": {"address": spec.listen_host, "port_value": spec.port}},
-                "filter_chains": [{"filters": [
+                "filter_chains": [{**front_door_tls(spec), "filters": [
                     {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
             }],
             "clusters": [control_cluster(spec), *readiness_clusters(spec),

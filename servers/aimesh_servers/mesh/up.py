@@ -36,6 +36,7 @@ from ..runtime.settings import ServerSettings
 from ..tenancy.bootstrap import LocalAccess
 from ..tenancy.plane import TenancyPlane, TenancySettings, load_issuers
 from . import envoy_process
+from .certs import CONTROL, MODEL_SERVER, CertStore, ensure
 from .children import terminate_with_parent
 from .controller import EndpointController
 from .envoy_config import MeshSpec
@@ -63,7 +64,8 @@ class ServerProc:
 
 
 async def _start_server(model: Model, pool: Pool, index: int, state: Path,
-                        consul: str | None, usage_addr: str, metrics_port: int = 0) -> ServerProc:
+                        consul: str | None, usage_addr: str, metrics_port: int = 0,
+                        tls_env: dict[str, str] | None = None) -> ServerProc:
     version = model.default
     args = [sys.executable, "-m", "aimesh_servers.cli", "serve", pool.serve, "--model", model.id,
             "--source", pool.source or version.source, "--version", version.version, "--pool", pool.id]
@@ -71,7 +73,7 @@ async def _start_server(model: Model, pool: Pool, index: int, state: Path,
                     else {"AIMESH_REGISTRY_DIR": str(state / "registrations")})
     env = {**os.environ, **registration, "AIMESH_USAGE_ADDR": usage_addr,
            "AIMESH_METRICS_PORT": str(metrics_port),
-           "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **pool.env}
+           "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **(tls_env or {}), **pool.env}
     log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
     proc = await asyncio.create_subprocess_exec(
         *terminate_with_parent(args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -191,6 +193,30 @@ def _start_ops_page(port: int, spec: MeshSpec) -> OpsPage:
     return page
 
 
+def _tls_settings(store: CertStore | None, identity: str) -> dict[str, Path]:
+    """A server's mutual TLS settings (runtime.settings) as one identity of the store; {}: plaintext."""
+    if store is None:
+        return {}
+    return {"tls_cert": store.cert_path(identity), "tls_key": store.key_path(identity),
+            "tls_ca": store.bundle_path}
+
+
+def _mesh_tls(args: argparse.Namespace, state: Path) -> tuple[CertStore | None, tuple[Path, Path] | None]:
+    """--mtls: the certificates folder (made on first use); --tls-cert/--tls-key: the front door's."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    front = (Path(args.tls_cert).resolve(), Path(args.tls_key).resolve()) if args.tls_cert else None
+    if not args.mtls:
+        return None, front
+    if args.consul:
+        # Consul's own gRPC health checks of the servers would need the agent's TLS client settings.
+        raise ValueError("--mtls with --consul is not supported yet")
+    store = ensure(Path(args.certs_dir or state / "certs").resolve())
+    say(f"mutual TLS inside the mesh: certificates in {store.root} "
+        f"(rotate: aimesh certs rotate --dir {store.root})")
+    return store, front
+
+
 def _select(registry: Registry, only: list[str] | None) -> Registry:
     if not only:
         return registry
@@ -207,7 +233,8 @@ def _banner(spec: MeshSpec, access: LocalAccess | None) -> str:
     front = f"{spec.listen_host}:{spec.port}"
     text_model = next((m.id for m in spec.registry.models if m.capability.value == "text_generation"), None)
     lines = [
-        f"mesh ready: front door {front} (gRPC and HTTP/JSON), Envoy admin 127.0.0.1:{spec.admin_port}",
+        f"mesh ready: front door {front} (gRPC and HTTP/JSON{', TLS' if spec.front_tls else ''}), "
+        f"Envoy admin 127.0.0.1:{spec.admin_port}",
     ]
     if access is not None:
         lines += [
@@ -253,10 +280,13 @@ async def _run(args: argparse.Namespace) -> int:
     # The control server's port goes into the Envoy config, and the tenancy plane's
     # services are served by it: bind first, build the plane, then start serving.
     control_port = _free_port()
+    certs, front_tls = _mesh_tls(args, state)
+    server_tls_env = {f"AIMESH_{k.upper()}": str(v) for k, v in _tls_settings(certs, MODEL_SERVER).items()}
     readiness = ReadinessServer(registry, f"http://127.0.0.1:{args.admin_port}")
     spec = MeshSpec(registry=registry, state_dir=state, control_port=control_port,
                     port=args.port, admin_port=args.admin_port, listen_host=args.listen,
-                    tenancy=not args.no_tenancy, readiness_port=readiness.port)
+                    tenancy=not args.no_tenancy, readiness_port=readiness.port,
+                    mesh_certs=certs.root if certs else None, front_tls=front_tls)
     if args.no_tenancy:
         say("WARNING: tenancy is OFF (--no-tenancy): every caller is served without a token or "
             "limits, and TenantService refuses everyone. Never expose this front door.")
@@ -265,7 +295,8 @@ async def _run(args: argparse.Namespace) -> int:
         front_doors=args.front_doors, trusted_issuers=load_issuers(args.trust_issuer)))
     access = None if args.no_tenancy else await asyncio.to_thread(plane.bootstrap)
     control = ModelServer(
-        ServerSettings(port=control_port, drain_delay_s=0, drain_grace_s=1, max_concurrency=256),
+        ServerSettings(port=control_port, drain_delay_s=0, drain_grace_s=1, max_concurrency=256,
+                       **_tls_settings(certs, CONTROL)),
         [ControlCapability(registry, lambda: controller.instances if controller else [], envoy_health,
                            LiveFigures(registry, state / "access.log", args.stats_window_s,
                                        cost=recorded_costs(plane.engine))),
@@ -301,11 +332,12 @@ async def _run(args: argparse.Namespace) -> int:
             for pool in model.pools:
                 for index in range(pool.replicas):
                     server = await _start_server(model, pool, index, state, args.consul,
-                                                 f"127.0.0.1:{control_port}", metrics_port=_free_port())
+                                                 f"127.0.0.1:{control_port}", metrics_port=_free_port(),
+                                                 tls_env=server_tls_env)
                     servers.append(server)
                     restart = functools.partial(
                         _start_server, model, pool, index, state, args.consul,
-                        f"127.0.0.1:{control_port}", metrics_port=server.metrics_port)
+                        f"127.0.0.1:{control_port}", metrics_port=server.metrics_port, tls_env=server_tls_env)
                     tasks.append(asyncio.create_task(_supervise(server, restart, stop, write_servers)))
 
         say(f"started {len(servers)} model server(s); loading models...")
