@@ -42,6 +42,7 @@ class CallAccount:
     served_model: str = ""
     served_version: str = ""
     pool: str = ""
+    cache_hit: bool = False  # answered from the response cache (runtime/cache.py)
 
     def set_units(self, unit: str, input_units: float, output_units: float) -> None:
         """Units so far (absolute, not a delta)."""

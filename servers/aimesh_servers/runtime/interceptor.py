@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,8 +33,9 @@ from grpc_status import rpc_status
 
 from . import accounting
 from .admission import Admission, Ticket
+from .cache import CACHE_HEADER, DETERMINISTIC, CachedAnswer, Lookup, Recording, ResponseCache
 from .errors import DOMAIN, AimeshError, EngineFailure, MalformedRequest
-from .service import SERVED_BY_METADATA
+from .service import SERVED_BY_METADATA, send_served_by, served_by
 from .streams import CALL_EXECUTOR
 from .tracing import CallTrace, CallTracer
 from .watchdog import Watchdog
@@ -88,8 +90,10 @@ class _Outcome:
 
 class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, admission: Admission, executor: Executor | None = None,
-                 watchdog: Watchdog | None = None, tracer: CallTracer | None = None) -> None:
+                 watchdog: Watchdog | None = None, tracer: CallTracer | None = None,
+                 *, cache: ResponseCache | None = None) -> None:
         self.admission = admission
+        self.cache = cache  # None: no response cache
         self.executor = executor
         self.watchdog = watchdog
         self.tracer = tracer  # None: tracing off
@@ -107,6 +111,10 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         parse = handler.request_deserializer
         serialize = handler.response_serializer
+
+        def serialize_or_stored(message: Any) -> bytes:
+            """A cache hit hands back the stored bytes: they go out as they are."""
+            return message if isinstance(message, bytes) else serialize(message)
 
         def decode(raw: bytes) -> Any:
             try:
@@ -144,10 +152,12 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             if self.watchdog is not None:
                 self.watchdog.end()
 
-        async def send_headers(context: grpc.aio.ServicerContext, ticket: Ticket) -> None:
+        async def send_headers(context: grpc.aio.ServicerContext, ticket: Ticket,
+                               cached: Lookup | None = None) -> None:
             queue = (("x-aimesh-queue-wait-ms", str(round(ticket.wait_s * 1000))),
                      ("x-aimesh-queue-depth", str(ticket.queue_depth)))
-            await context.send_initial_metadata((*(SERVED_BY_METADATA.get() or ()), *queue))
+            miss = () if cached is None else ((CACHE_HEADER, "miss"),)
+            await context.send_initial_metadata((*(SERVED_BY_METADATA.get() or ()), *queue, *miss))
 
         async def fail(context: grpc.aio.ServicerContext, exc: BaseException, outcome: _Outcome) -> None:
             """Records why the call ended and answers with the right status."""
@@ -172,14 +182,20 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             streaming_request = handler.stream_unary is not None
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                cached = None if streaming_request else await self._look_up(method, decode, request, context)
+                if cached is not None and cached.answer is not None:
+                    return [message async for message in self._replay(method, cached, context)][0]
                 ticket, trace = await admit(context)
                 account = accounting.begin(method, context)
                 outcome = _Outcome()
                 try:
-                    req = decode_stream(request) if streaming_request else decode(request)
+                    req = decode_stream(request) if streaming_request else (
+                        cached.request if cached is not None else decode(request))
                     response = await inner(req, context)
                     account.observe(response)
-                    await send_headers(context, ticket)
+                    await send_headers(context, ticket, cached)
+                    if cached is not None:
+                        await self._store(cached, [serialize(response)], account)
                     return response
                 except BaseException as exc:
                     await fail(context, exc, outcome)
@@ -192,26 +208,38 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                 if streaming_request
                 else grpc.unary_unary_rpc_method_handler
             )
-            return factory(unary_response, None, serialize)
+            return factory(unary_response, None, serialize_or_stored)
 
         inner_stream = handler.unary_stream or handler.stream_stream
         streaming_request = handler.stream_stream is not None
 
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            cached = None if streaming_request else await self._look_up(method, decode, request, context)
+            if cached is not None and cached.answer is not None:
+                async for message in self._replay(method, cached, context):
+                    yield message
+                return
             ticket, trace = await admit(context)
             account = accounting.begin(method, context)
             outcome = _Outcome()
+            recording = Recording(self.cache.max_entry_bytes) if self.cache and cached else None
             try:
-                req = decode_stream(request) if streaming_request else decode(request)
+                req = decode_stream(request) if streaming_request else (
+                    cached.request if cached is not None else decode(request))
                 first = True
                 async for response in inner_stream(req, context):
                     account.observe(response)
                     if self.watchdog is not None:
                         self.watchdog.progress()
                     if first:
-                        await send_headers(context, ticket)
+                        await send_headers(context, ticket, cached)
                     first = False
                     yield response
+                    if recording is not None:
+                        recording.add(serialize(response))
+                # Only a stream that ran to its end is stored (a cancelled one raised above).
+                if recording is not None and recording.complete and not context.cancelled():
+                    await self._store(cached, recording.messages, account)
             except BaseException as exc:
                 await fail(context, exc, outcome)
                 raise
@@ -223,7 +251,45 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             if streaming_request
             else grpc.unary_stream_rpc_method_handler
         )
-        return factory(stream_response, None, serialize)
+        return factory(stream_response, None, serialize_or_stored)
+
+    async def _look_up(self, method: str, decode: Callable[[bytes], Any], raw: bytes,
+                       context: grpc.aio.ServicerContext) -> Lookup | None:
+        """The cache's view of a call (None: not cacheable here), before it takes a slot."""
+        if self.cache is None or method not in DETERMINISTIC:
+            return None
+        try:
+            request = decode(raw)
+        except MalformedRequest:
+            return None  # the call itself answers INVALID_ARGUMENT
+        return await self.cache.lookup(method, request, dict(context.invocation_metadata() or ()))
+
+    async def _replay(self, method: str, cached: Lookup, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[bytes]:
+        """A hit: the stored messages with the headers and the account of a served call
+        (marked as a hit, with the stored answer's units), without an engine slot."""
+        assert cached.answer is not None and self.cache is not None
+        account = accounting.begin(method, context)
+        account.cache_hit = True
+        account.set_units(cached.answer.unit, cached.answer.input_units, cached.answer.output_units)
+        outcome = _Outcome()
+        try:
+            await send_served_by(context, served_by(cached.model, self.cache.pool, cached.asked))
+            await context.send_initial_metadata((*(SERVED_BY_METADATA.get() or ()), (CACHE_HEADER, "hit")))
+            for message in cached.answer.messages:
+                account.first_output_s = account.first_output_s or time.monotonic() - account.started
+                yield message
+        except BaseException as exc:
+            cancelled = isinstance(exc, (asyncio.CancelledError, GeneratorExit))
+            outcome.set(grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN)
+            raise
+        finally:
+            account.end(outcome.code, outcome.reason)
+
+    async def _store(self, cached: Lookup, messages: list[bytes], account: accounting.CallAccount) -> None:
+        assert self.cache is not None
+        await self.cache.store(cached.key, CachedAnswer(
+            tuple(messages), account.unit, account.input_units, account.output_units))
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: AimeshError, method: str) -> None:

@@ -24,6 +24,7 @@ from ..registry.consul import ConsulRegistrar
 from ..registry.discovery import Instance, LocalRegistrar, Registrar
 from . import accounting
 from .admission import Admission
+from .cache import build_cache
 from .interceptor import AimeshServerInterceptor
 from .metrics import ServerMetrics
 from .service import Capability
@@ -60,6 +61,7 @@ class ModelServer:
         # A TlsFiles of its own: each user of the files notices a rotation for itself.
         self.usage = UsageReporter(settings.usage_addr, settings.tls_files()) if settings.usage_addr else None
         self.metrics = ServerMetrics(self.limit, settings.pool) if settings.metrics_port is not None else None
+        self.cache = build_cache(settings, [m for cap in self.capabilities for m in cap.models])  # None: off
         self.tracer = CallTracer.from_settings(settings)  # None: tracing off
         self._stopping = asyncio.Event()
 
@@ -77,7 +79,8 @@ class ModelServer:
 
     async def start(self) -> int:
         self.server = grpc.aio.server(
-            interceptors=[AimeshServerInterceptor(self.limit, self.executor, self.watchdog, self.tracer)],
+            interceptors=[AimeshServerInterceptor(self.limit, self.executor, self.watchdog, self.tracer,
+                                                  cache=self.cache)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -142,6 +145,8 @@ class ModelServer:
         if self.server is not None:
             await self.server.stop(self.settings.drain_grace_s)
         self.executor.shutdown(wait=False)
+        if self.cache is not None:
+            await self.cache.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.tracer is not None:  # after the last call ended: its spans go out too

@@ -33,7 +33,8 @@ def to_record(account: CallAccount) -> usage_pb2.UsageRecord:
         requested_model=account.requested_model, served_model=account.served_model,
         served_version=account.served_version, pool=account.pool, unit=account.unit,
         input_units=account.input_units, output_units=account.output_units,
-        status=account.status, reason=account.reason, origin="server",
+        status=account.status, reason=account.reason,
+        origin="cache" if account.cache_hit else "server",
         time=timestamp_pb2.Timestamp(), duration=duration_pb2.Duration(),
     )
     record.time.FromNanoseconds(int(account.started_wall * 1e9))
