@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--front-doors", type=int, default=int(os.environ.get("AIMESH_FRONT_DOORS", "1")),
                     help="front doors (Envoy instances) sharing the limits: each admits its share "
                          "of a requests-per-window limit (default 1)")
+    up.add_argument("--otlp", metavar="HOST:PORT",
+                    help="trace calls: Envoy and every server export spans to this OTLP/gRPC collector")
+    up.add_argument("--trace-sample-ratio", type=float, default=1.0,
+                    help="share of new traces sampled, 0..1 (default 1; a caller's sampled traceparent wins)")
     up.add_argument("--trust-issuer", metavar="FILE",
                     help="YAML list of external identity providers whose tokens are accepted")
     up.add_argument("--mtls", action="store_true",

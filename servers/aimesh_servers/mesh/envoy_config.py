@@ -125,6 +125,9 @@ class MeshSpec:
     tenancy: bool = True
     # /readyz is forwarded to this loopback port (status.ReadinessServer); 0: none runs.
     readiness_port: int = 0
+    # OTLP/gRPC collector (host:port) for Envoy's spans; "": tracing off.
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0  # share of new traces (a caller's sampled traceparent wins)
     # Mutual TLS to model servers and control, with the certificates of this folder
     # (mesh.certs); None: plaintext upstreams.
     mesh_certs: Path | None = None
@@ -559,6 +562,39 @@ def local_reply_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
     return mappers
 
 
+OTLP_CLUSTER = "otlp"
+
+
+def otlp_cluster(spec: MeshSpec) -> dict[str, Any]:
+    host, _, port = spec.otlp_endpoint.rpartition(":")
+    return {
+        "name": OTLP_CLUSTER,
+        "type": "STRICT_DNS",  # a host name (a collector in compose) or an address
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http2(),
+        "load_assignment": {
+            "cluster_name": OTLP_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": host, "port_value": int(port)}}}}]}],
+        },
+    }
+
+
+def tracing(spec: MeshSpec) -> dict[str, Any]:
+    """Envoy's OpenTelemetry tracer: it continues a caller's `traceparent` (or starts a
+    trace, sampled at `trace_sample_ratio`), and with spawn_upstream_span each upstream
+    attempt is a span of its own, the parent the server sees: a retry or hedge onto the
+    next pool (a fallback) shows as a second attempt span in the same trace."""
+    return {
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": _typed(
+            "envoy.config.trace.v3.OpenTelemetryConfig",
+            grpc_service={"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
+            service_name="aimesh-front-door")},
+        "random_sampling": {"value": 100 * spec.trace_sample_ratio},
+        "spawn_upstream_span": True,
+    }
+
+
 def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -586,6 +622,7 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
         # Streams (tokens, audio) can run long; the route timeout bounds them instead.
         stream_idle_timeout="300s",
         local_reply_config={"mappers": local_reply_mappers(spec)},
+        **({"tracing": tracing(spec)} if spec.otlp_endpoint else {}),
     )
     return {
         "node": {"id": "aimesh-front-door", "cluster": "aimesh"},
@@ -598,6 +635,7 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
                     {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
             }],
             "clusters": [control_cluster(spec), *readiness_clusters(spec),
-                         *(model_cluster(spec, m) for m in spec.registry.models)],
+                         *(model_cluster(spec, m) for m in spec.registry.models),
+                         *([otlp_cluster(spec)] if spec.otlp_endpoint else [])],
         },
     }

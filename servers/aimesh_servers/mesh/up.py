@@ -65,6 +65,7 @@ class ServerProc:
 
 async def _start_server(model: Model, pool: Pool, index: int, state: Path,
                         consul: str | None, usage_addr: str, metrics_port: int = 0,
+                        trace_env: dict[str, str] | None = None,
                         tls_env: dict[str, str] | None = None) -> ServerProc:
     version = model.default
     args = [sys.executable, "-m", "aimesh_servers.cli", "serve", pool.serve, "--model", model.id,
@@ -72,7 +73,7 @@ async def _start_server(model: Model, pool: Pool, index: int, state: Path,
     registration = ({"AIMESH_CONSUL_HTTP_ADDR": consul} if consul
                     else {"AIMESH_REGISTRY_DIR": str(state / "registrations")})
     env = {**os.environ, **registration, "AIMESH_USAGE_ADDR": usage_addr,
-           "AIMESH_METRICS_PORT": str(metrics_port),
+           "AIMESH_METRICS_PORT": str(metrics_port), **(trace_env or {}),
            "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **(tls_env or {}), **pool.env}
     log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
     proc = await asyncio.create_subprocess_exec(
@@ -217,6 +218,19 @@ def _mesh_tls(args: argparse.Namespace, state: Path) -> tuple[CertStore | None, 
     return store, front
 
 
+def _trace_env(args: argparse.Namespace) -> dict[str, str]:
+    """--otlp: Envoy and every server this starts export their spans there; {}: tracing off."""
+    if not args.otlp:
+        return {}
+    host, _, port = args.otlp.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--otlp wants HOST:PORT of an OTLP/gRPC collector, got {args.otlp!r}")
+    if not 0 <= args.trace_sample_ratio <= 1:
+        raise ValueError(f"--trace-sample-ratio must be within 0..1, got {args.trace_sample_ratio}")
+    say(f"tracing: spans go to {args.otlp} over OTLP/gRPC (new traces sampled at {args.trace_sample_ratio:g})")
+    return {"AIMESH_OTLP_ENDPOINT": args.otlp, "AIMESH_TRACE_SAMPLE_RATIO": str(args.trace_sample_ratio)}
+
+
 def _select(registry: Registry, only: list[str] | None) -> Registry:
     if not only:
         return registry
@@ -265,6 +279,7 @@ def _banner(spec: MeshSpec, access: LocalAccess | None) -> str:
 
 async def _run(args: argparse.Namespace) -> int:
     registry = _select(load_registry(args.registry), args.only)
+    trace_env = _trace_env(args)
     state = Path(args.state_dir).resolve()
     for stale in ("registrations", "eds", "logs"):
         shutil.rmtree(state / stale, ignore_errors=True)
@@ -286,6 +301,7 @@ async def _run(args: argparse.Namespace) -> int:
     spec = MeshSpec(registry=registry, state_dir=state, control_port=control_port,
                     port=args.port, admin_port=args.admin_port, listen_host=args.listen,
                     tenancy=not args.no_tenancy, readiness_port=readiness.port,
+                    otlp_endpoint=args.otlp or "", trace_sample_ratio=args.trace_sample_ratio,
                     mesh_certs=certs.root if certs else None, front_tls=front_tls)
     if args.no_tenancy:
         say("WARNING: tenancy is OFF (--no-tenancy): every caller is served without a token or "
@@ -296,6 +312,7 @@ async def _run(args: argparse.Namespace) -> int:
     access = None if args.no_tenancy else await asyncio.to_thread(plane.bootstrap)
     control = ModelServer(
         ServerSettings(port=control_port, drain_delay_s=0, drain_grace_s=1, max_concurrency=256,
+                       otlp_endpoint=args.otlp, trace_sample_ratio=args.trace_sample_ratio,
                        **_tls_settings(certs, CONTROL)),
         [ControlCapability(registry, lambda: controller.instances if controller else [], envoy_health,
                            LiveFigures(registry, state / "access.log", args.stats_window_s,
@@ -333,11 +350,13 @@ async def _run(args: argparse.Namespace) -> int:
                 for index in range(pool.replicas):
                     server = await _start_server(model, pool, index, state, args.consul,
                                                  f"127.0.0.1:{control_port}", metrics_port=_free_port(),
+                                                 trace_env=trace_env,
                                                  tls_env=server_tls_env)
                     servers.append(server)
                     restart = functools.partial(
                         _start_server, model, pool, index, state, args.consul,
-                        f"127.0.0.1:{control_port}", metrics_port=server.metrics_port, tls_env=server_tls_env)
+                        f"127.0.0.1:{control_port}", metrics_port=server.metrics_port,
+                        trace_env=trace_env, tls_env=server_tls_env)
                     tasks.append(asyncio.create_task(_supervise(server, restart, stop, write_servers)))
 
         say(f"started {len(servers)} model server(s); loading models...")
