@@ -64,10 +64,12 @@ class ErrorSpec:
     variants: tuple[int, ...] = ()
     """Other codes a raiser may pick for this reason when the facts call for it (a value
     past a limit is OUT_OF_RANGE; a provider's refusal keeps the provider's meaning)."""
+    http: int | None = None
+    """An HTTP status more precise than the code's (413 for a body over the limit)."""
 
     @property
     def http_status(self) -> int:
-        return HTTP_STATUS[self.code]
+        return self.http or HTTP_STATUS[self.code]
 
     @property
     def code_name(self) -> str:
@@ -100,6 +102,8 @@ TABLE: dict[str, ErrorSpec] = {
     "TENANT_NOT_FOUND": ErrorSpec(C.NOT_FOUND, False),
     "TOKEN_NOT_FOUND": ErrorSpec(C.NOT_FOUND, False),
     "TENANT_ALREADY_EXISTS": ErrorSpec(C.ALREADY_EXISTS, False),
+    # Envoy's answer to a body over its capability's limit (never retried: it stays too large).
+    "REQUEST_TOO_LARGE": ErrorSpec(C.INVALID_ARGUMENT, False, http=413),
 }
 del C
 

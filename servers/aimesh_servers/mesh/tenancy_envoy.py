@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from aimesh import error_model
 
 from ..runtime.errors import DOMAIN
 from ..tenancy.plans import SERVICES
@@ -217,10 +218,16 @@ function envoy_on_request(h)
 end
 """
 
+def _lua_refusals(*reasons: str) -> str:
+    rows = (f'{name} = {{{error_model.TABLE[name].code}, "{error_model.TABLE[name].http_status}"}}'
+            for name in reasons)
+    return "{" + ", ".join(rows) + "}"
+
+
 LUA_ADMISSION = _LUA_ROUTE_BY_MODEL + """
 local DOMAIN = "{DOMAIN}"
-local GRPC = {UNAUTHENTICATED = 16, PERMISSION_DENIED = 7, RESOURCE_EXHAUSTED = 8}
-local HTTP = {[16] = "401", [7] = "403", [8] = "429", [13] = "500"}
+-- reason -> {gRPC code, HTTP status}, from the mesh's error table (aimesh.error_model).
+local REFUSALS = {REFUSALS}
 
 -- google.rpc.Status and its details, protobuf-encoded by hand (varints, lengths).
 local function varint(n)
@@ -245,17 +252,18 @@ local function json_string(s)
   return '"' .. escaped .. '"'
 end
 
--- A refusal: {code, reason, message, metadata = {k = v}, quota = {subject, description},
--- retry_s}. gRPC callers get grpc-status-details-bin; HTTP/JSON callers (the transcoder
+-- A refusal: {reason, message, metadata = {k = v}, quota = {subject, description},
+-- retry_s}; the reason gives the codes. gRPC callers get grpc-status-details-bin; HTTP/JSON callers (the transcoder
 -- kept their path) the HTTP status and a JSON google.rpc.Status, as the transcoder
 -- renders a server's errors.
 local function refuse(h, r)
+  r.code = REFUSALS[r.reason][1]
   h:headers():replace("x-aimesh-refused", r.reason)
   local keys = {}
   for k in pairs(r.metadata or {}) do keys[#keys + 1] = k end
   table.sort(keys)
   local retry_s = r.retry_s and math.max(1, math.ceil(r.retry_s))
-  local headers = {[":status"] = HTTP[r.code], ["x-aimesh-reason"] = r.reason}
+  local headers = {[":status"] = REFUSALS[r.reason][2], ["x-aimesh-reason"] = r.reason}
   if retry_s ~= nil then headers["retry-after"] = tostring(retry_s) end
   if h:headers():get("x-envoy-original-path") ~= nil then
     local metadata = {}
@@ -351,21 +359,21 @@ local function admit(h)
   local tenant_id = headers:get("x-aimesh-tenant")
   if tenant_id == nil then
     -- A verified token without the tenant claim (jwt_authn refuses calls with no token).
-    return refuse(h, {code = GRPC.UNAUTHENTICATED, reason = "UNAUTHENTICATED",
+    return refuse(h, {reason = "UNAUTHENTICATED",
                       message = "the token names no tenant"})
   end
   local state = state_for(h, version)
   if not state.enforce then return end
   local token_id = headers:get("x-aimesh-token-id")
   if token_id ~= nil and state.revoked[token_id] then
-    return refuse(h, {code = GRPC.UNAUTHENTICATED, reason = "UNAUTHENTICATED",
+    return refuse(h, {reason = "UNAUTHENTICATED",
                       message = "token " .. token_id .. " has been revoked",
                       metadata = {tenant = tenant_id, token_id = token_id}})
   end
   local tenant = state.tenants[tenant_id]
   if tenant == nil or tenant.disabled then
     local why = tenant == nil and "unknown" or "disabled"
-    return refuse(h, {code = GRPC.PERMISSION_DENIED, reason = "PERMISSION_DENIED",
+    return refuse(h, {reason = "PERMISSION_DENIED",
                       message = "tenant " .. tenant_id .. " is " .. why,
                       metadata = {tenant = tenant_id, missing = "tenant"}})
   end
@@ -373,7 +381,7 @@ local function admit(h)
   local scopes = headers:get("x-aimesh-scopes") or ""
   if capability == "admin" then
     if not scoped(scopes, "admin") then
-      return refuse(h, {code = GRPC.PERMISSION_DENIED, reason = "PERMISSION_DENIED",
+      return refuse(h, {reason = "PERMISSION_DENIED",
                         message = "the tenant API needs a token with scope admin",
                         metadata = {tenant = tenant_id, missing = "scope", scope = "admin"}})
     end
@@ -382,17 +390,17 @@ local function admit(h)
   if capability == "usage" or capability == "" then return end
   local model = meta:get("model")
   if not scoped(scopes, capability) then
-    return refuse(h, {code = GRPC.PERMISSION_DENIED, reason = "PERMISSION_DENIED",
+    return refuse(h, {reason = "PERMISSION_DENIED",
                       message = "token scope '" .. scopes .. "' does not include " .. capability,
                       metadata = {tenant = tenant_id, missing = "scope", scope = capability}})
   end
   if tenant.capabilities ~= nil and not tenant.capabilities[capability] then
-    return refuse(h, {code = GRPC.PERMISSION_DENIED, reason = "PERMISSION_DENIED",
+    return refuse(h, {reason = "PERMISSION_DENIED",
                       message = "tenant " .. tenant_id .. " may not use " .. capability,
                       metadata = {tenant = tenant_id, missing = "capability", capability = capability}})
   end
   if tenant.models ~= nil and not tenant.models[model] then
-    return refuse(h, {code = GRPC.PERMISSION_DENIED, reason = "PERMISSION_DENIED",
+    return refuse(h, {reason = "PERMISSION_DENIED",
                       message = "tenant " .. tenant_id .. " may not use model " .. model,
                       metadata = {tenant = tenant_id, missing = "model", model = model}})
   end
@@ -401,7 +409,7 @@ local function admit(h)
     local block = entry[3]
     local until_s = tonumber(block["until"]) or 0
     if until_s > now then
-      return refuse(h, {code = GRPC.RESOURCE_EXHAUSTED, reason = block.reason or "RATE_LIMITED",
+      return refuse(h, {reason = block.reason or "RATE_LIMITED",
                         message = block.message or ("tenant " .. tenant_id .. " is over a limit"),
                         metadata = {tenant = tenant_id, capability = entry[1], model = entry[2]},
                         quota = {subject = block.subject or "limit",
@@ -423,7 +431,7 @@ local function admit(h)
       local subject = "requests per " .. window_s .. " s"
       local scope = entry[1] == "*" and "all capabilities" or entry[1]
       if entry[2] ~= "*" then scope = scope .. " on model " .. entry[2] end
-      return refuse(h, {code = GRPC.RESOURCE_EXHAUSTED, reason = "RATE_LIMITED",
+      return refuse(h, {reason = "RATE_LIMITED",
                         message = "tenant " .. tenant_id .. " reached its limit of " .. limit .. " " ..
                                   subject .. " for " .. scope,
                         metadata = {tenant = tenant_id, capability = entry[1], model = entry[2],
@@ -442,11 +450,12 @@ function envoy_on_request(h)
   local ok, err = pcall(admit, h)
   if not ok then
     h:logErr("aimesh admission failed: " .. tostring(err))
-    refuse(h, {code = 13, reason = "ENGINE_FAILURE",
+    refuse(h, {reason = "ENGINE_FAILURE",
                message = "the front door could not check this call; retry later"})
   end
 end
-""".replace("{DOMAIN}", DOMAIN)
+""".replace("{DOMAIN}", DOMAIN).replace("{REFUSALS}", _lua_refusals(
+    "UNAUTHENTICATED", "PERMISSION_DENIED", "RATE_LIMITED", "BUDGET_EXHAUSTED", "ENGINE_FAILURE"))
 
 
 def lua_filter(tenancy: bool) -> dict[str, Any]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61imesh/common/v1/common.proto\x12\x10\x61imesh.common.v1\"o\n\x08ServedBy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x16\n\x0erandom_weights\x18\x04 \x01(\x08\x12\x17\n\x0frequested_model\x18\x05 \x01(\t\"@\n\x05Usage\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0binput_units\x18\x02 \x01(\x01\x12\x14\n\x0coutput_units\x18\x03 \x01(\x01*\xf8\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x02\x12\x1c\n\x18\x45RROR_REASON_SERVER_BUSY\x10\x03\x12!\n\x1d\x45RROR_REASON_SERVER_NOT_READY\x10\x04\x12\"\n\x1e\x45RROR_REASON_MALFORMED_REQUEST\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_ENGINE_FAILURE\x10\x06\x12\"\n\x1e\x45RROR_REASON_UNSUPPORTED_MEDIA\x10\x07\x12!\n\x1d\x45RROR_REASON_UPSTREAM_FAILURE\x10\x08\x12#\n\x1f\x45RROR_REASON_STREAM_INTERRUPTED\x10\t\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\n\x12\"\n\x1e\x45RROR_REASON_MODEL_UNAVAILABLE\x10\x0b\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x0c\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\r\x12!\n\x1d\x45RROR_REASON_BUDGET_EXHAUSTED\x10\x0e\x12!\n\x1d\x45RROR_REASON_TENANT_NOT_FOUND\x10\x0f\x12 \n\x1c\x45RROR_REASON_TOKEN_NOT_FOUND\x10\x10\x12&\n\"ERROR_REASON_TENANT_ALREADY_EXISTS\x10\x11\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61imesh/common/v1/common.proto\x12\x10\x61imesh.common.v1\"o\n\x08ServedBy\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x16\n\x0erandom_weights\x18\x04 \x01(\x08\x12\x17\n\x0frequested_model\x18\x05 \x01(\t\"@\n\x05Usage\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x13\n\x0binput_units\x18\x02 \x01(\x01\x12\x14\n\x0coutput_units\x18\x03 \x01(\x01*\x9c\x05\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12 \n\x1c\x45RROR_REASON_MODEL_NOT_FOUND\x10\x02\x12\x1c\n\x18\x45RROR_REASON_SERVER_BUSY\x10\x03\x12!\n\x1d\x45RROR_REASON_SERVER_NOT_READY\x10\x04\x12\"\n\x1e\x45RROR_REASON_MALFORMED_REQUEST\x10\x05\x12\x1f\n\x1b\x45RROR_REASON_ENGINE_FAILURE\x10\x06\x12\"\n\x1e\x45RROR_REASON_UNSUPPORTED_MEDIA\x10\x07\x12!\n\x1d\x45RROR_REASON_UPSTREAM_FAILURE\x10\x08\x12#\n\x1f\x45RROR_REASON_STREAM_INTERRUPTED\x10\t\x12\x1d\n\x19\x45RROR_REASON_RATE_LIMITED\x10\n\x12\"\n\x1e\x45RROR_REASON_MODEL_UNAVAILABLE\x10\x0b\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x0c\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\r\x12!\n\x1d\x45RROR_REASON_BUDGET_EXHAUSTED\x10\x0e\x12!\n\x1d\x45RROR_REASON_TENANT_NOT_FOUND\x10\x0f\x12 \n\x1c\x45RROR_REASON_TOKEN_NOT_FOUND\x10\x10\x12&\n\"ERROR_REASON_TENANT_ALREADY_EXISTS\x10\x11\x12\"\n\x1e\x45RROR_REASON_REQUEST_TOO_LARGE\x10\x12\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aimesh.common.v1.common_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=231
-  _globals['_ERRORREASON']._serialized_end=863
+  _globals['_ERRORREASON']._serialized_end=899
   _globals['_SERVEDBY']._serialized_start=51
   _globals['_SERVEDBY']._serialized_end=162
   _globals['_USAGE']._serialized_start=164

@@ -59,6 +59,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The named token id (jti) does not exist; metadata["token_id"] names it."""
     ERROR_REASON_TENANT_ALREADY_EXISTS: _ErrorReason.ValueType  # 17
     """A tenant with that id exists already; metadata["tenant_id"] names it."""
+    ERROR_REASON_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 18
+    """The request is larger than the front door accepts for its capability;
+    metadata["limit_bytes"] gives the limit.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable machine-readable reasons carried in google.rpc.ErrorInfo.reason
@@ -101,6 +105,10 @@ ERROR_REASON_TOKEN_NOT_FOUND: ErrorReason.ValueType  # 16
 """The named token id (jti) does not exist; metadata["token_id"] names it."""
 ERROR_REASON_TENANT_ALREADY_EXISTS: ErrorReason.ValueType  # 17
 """A tenant with that id exists already; metadata["tenant_id"] names it."""
+ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 18
+"""The request is larger than the front door accepts for its capability;
+metadata["limit_bytes"] gives the limit.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
