@@ -247,6 +247,7 @@ class UsageCollector:
         ttft_ms = (final.time_to_first_output.ToNanoseconds() / 1e6
                    if final is not None and final.HasField("time_to_first_output") else None)
         trace = (edge.get("trace_id") or "") if edge else ""
+        from_cache = final is not None and final.origin == "cache"
         return UsageRow(
             request_id=(edge.get("request_id") if edge else "") or (final.request_id if final else ""),
             time=start,
@@ -258,9 +259,10 @@ class UsageCollector:
             input_units=input_units, output_units=output_units, duration_ms=duration_ms,
             ttft_ms=ttft_ms, status=status, reason=reason,
             fell_back=bool(final is not None and pool and (attempts > 1 or pool != first_pool)),
-            cost_usd=cost_usd(prices, unit, input_units, output_units),
+            # A response-cache hit counts its units (limits) but costs nothing.
+            cost_usd=0.0 if from_cache else cost_usd(prices, unit, input_units, output_units),
             trace_id=trace.split("-")[1] if trace.count("-") >= 3 else "",
-            origin="server" if final is not None else "edge",
+            origin="cache" if from_cache else "server" if final is not None else "edge",
         )
 
 

@@ -129,7 +129,7 @@ usage_records = sa.Table(
     sa.Column("fell_back", sa.Boolean, nullable=False),
     sa.Column("cost_usd", sa.Float, nullable=False),
     sa.Column("trace_id", sa.Text, nullable=False),
-    sa.Column("origin", sa.Text, nullable=False),  # 'server' | 'edge'
+    sa.Column("origin", sa.Text, nullable=False),  # 'server' | 'cache' | 'edge'
     sa.Index("ix_usage_records_tenant_time", "tenant", "time"),
     sa.Index("ix_usage_records_time", "time"),
 )

@@ -75,7 +75,7 @@ class UsageRow:
     fell_back: bool = False
     cost_usd: float = 0.0
     trace_id: str = ""
-    origin: str = "server"  # "server" | "edge"
+    origin: str = "server"  # "server" | "cache" (a response-cache hit) | "edge"
 
 
 @dataclass

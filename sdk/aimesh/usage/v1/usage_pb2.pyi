@@ -151,7 +151,8 @@ class UsageRecord(_message.Message):
     request_id: _builtins.str
     """The front door's request id."""
     origin: _builtins.str
-    """Where the record comes from: "server" (a model server ran it) or "edge" (the
+    """Where the record comes from: "server" (a model server ran it), "cache" (a model
+    server answered from its response cache: units counted, cost 0) or "edge" (the
     front door answered it itself: auth, limits, no healthy server).
     """
     @_builtins.property
