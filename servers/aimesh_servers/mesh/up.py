@@ -66,7 +66,7 @@ class ServerProc:
 async def _start_server(model: Model, pool: Pool, index: int, state: Path,
                         consul: str | None, usage_addr: str, metrics_port: int = 0,
                         trace_env: dict[str, str] | None = None,
-                        tls_env: dict[str, str] | None = None) -> ServerProc:
+                        tls_env: dict[str, str] | None = None, cache_url: str | None = None) -> ServerProc:
     version = model.default
     args = [sys.executable, "-m", "aimesh_servers.cli", "serve", pool.serve, "--model", model.id,
             "--source", pool.source or version.source, "--version", version.version, "--pool", pool.id]
@@ -74,12 +74,20 @@ async def _start_server(model: Model, pool: Pool, index: int, state: Path,
                     else {"AIMESH_REGISTRY_DIR": str(state / "registrations")})
     env = {**os.environ, **registration, "AIMESH_USAGE_ADDR": usage_addr,
            "AIMESH_METRICS_PORT": str(metrics_port), **(trace_env or {}),
-           "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **(tls_env or {}), **pool.env}
+           "AIMESH_MAX_CONCURRENCY": str(pool.max_concurrency), **(tls_env or {}),
+           **_cache_env(model, cache_url), **pool.env}
     log_path = state / "logs" / f"{model.id}-{pool.id}-{index}.log"
     proc = await asyncio.create_subprocess_exec(
         *terminate_with_parent(args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=True)
     return ServerProc(model, pool, index, proc, log_path, metrics_port=metrics_port)
+
+
+def _cache_env(model: Model, redis_url: str | None) -> dict[str, str]:
+    """The model's response cache policy for its servers; with --redis every replica shares it."""
+    if model.cache is None:
+        return {}
+    return {**model.cache.env(), **({"AIMESH_CACHE_URL": redis_url} if redis_url else {})}
 
 
 async def _follow(server: ServerProc) -> None:
@@ -349,13 +357,13 @@ async def _run(args: argparse.Namespace) -> int:
             for pool in model.pools:
                 for index in range(pool.replicas):
                     server = await _start_server(model, pool, index, state, args.consul,
-                                                 f"127.0.0.1:{control_port}", metrics_port=_free_port(),
+                                                 f"127.0.0.1:{control_port}", metrics_port=_free_port(), cache_url=args.redis,
                                                  trace_env=trace_env,
                                                  tls_env=server_tls_env)
                     servers.append(server)
                     restart = functools.partial(
                         _start_server, model, pool, index, state, args.consul,
-                        f"127.0.0.1:{control_port}", metrics_port=server.metrics_port,
+                        f"127.0.0.1:{control_port}", metrics_port=server.metrics_port, cache_url=args.redis,
                         trace_env=trace_env, tls_env=server_tls_env)
                     tasks.append(asyncio.create_task(_supervise(server, restart, stop, write_servers)))
 
