@@ -13,12 +13,12 @@ import grpc
 import pytest
 from aimesh.embedding.v1 import embedding_pb2
 from aimesh.text.v1 import text_generation_pb2 as text_pb
-
 from aimesh_servers import embedding, text
 from aimesh_servers.runtime import accounting
 from aimesh_servers.text.engine import TextEngine
 from aimesh_servers.text.servicer import TextGenerationServicer
 from aimesh_servers.text.settings import TextSettings
+
 from tests.infra import redis_server
 from tests.servers import in_process_server
 

@@ -8,7 +8,6 @@ from aimesh.embedding.v1 import embedding_pb2
 from aimesh.image.v1 import image_generation_pb2
 from aimesh.speech.v1 import speech_to_text_pb2
 from aimesh.text.v1 import text_generation_pb2 as text_pb
-
 from aimesh_servers.runtime.cache import CachedAnswer, MemoryBackend, Recording, ResponseCache
 from aimesh_servers.runtime.service import ServedModel
 

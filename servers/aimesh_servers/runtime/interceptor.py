@@ -184,7 +184,8 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 cached = None if streaming_request else await self._look_up(method, decode, request, context)
                 if cached is not None and cached.answer is not None:
-                    return [message async for message in self._replay(method, cached, context)][0]
+                    (answer,) = [message async for message in self._replay(method, cached, context)]
+                    return answer
                 ticket, trace = await admit(context)
                 account = accounting.begin(method, context)
                 outcome = _Outcome()
