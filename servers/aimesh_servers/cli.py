@@ -3,6 +3,7 @@
     aimesh up                 the whole local mesh: Envoy + control + model servers
     aimesh serve CAPABILITY   one model server (text, ...)
     aimesh tenants ...        tenants and tokens of a running mesh
+    aimesh worker             job items from the Redis queue (aimesh up --redis starts these)
     aimesh status             models, pools, endpoints and the last minute's calls
     aimesh certs init|rotate  the mesh CA and certificates for mutual TLS
 """
@@ -17,6 +18,7 @@ import sys
 from dataclasses import replace
 
 from .capabilities import CAPABILITIES
+from .jobs.process import add_worker_parser
 from .mesh.certs import add_certs_parser
 from .tenancy.cli import add_tenants_parser
 
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--redis", default=os.environ.get("AIMESH_REDIS_URL"),
                     help="shared limit counters, e.g. redis://host:6379/0 (default: in memory; "
                          "env AIMESH_REDIS_URL)")
+    up.add_argument("--job-workers", type=int, default=1,
+                    help="with --redis: `aimesh worker` processes running job items (default 1); "
+                         "without Redis, jobs run inside aimesh up")
     up.add_argument("--front-doors", type=int, default=int(os.environ.get("AIMESH_FRONT_DOORS", "1")),
                     help="front doors (Envoy instances) sharing the limits: each admits its share "
                          "of a requests-per-window limit (default 1)")
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_tenants_parser(sub)
     add_certs_parser(sub)
+    add_worker_parser(sub)
 
     status = sub.add_parser("status", help="models, pools and endpoints of a running mesh, with the "
                                            "last minute's calls/s, errors, p95 and fallbacks")

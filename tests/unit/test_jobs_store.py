@@ -157,7 +157,7 @@ def test_unfinished_items_are_found_for_a_restart(store: JobStore) -> None:
     store.claim(a.id, 0, "w1", LEASE)
     store.finish(a.id, 0, "w1", result_key="k")
     store.claim(a.id, 1, "w1", LEASE)  # running when the mesh stopped
-    assert set(store.unfinished()) == {(a.id, 1), (b.id, 0)}
+    assert set(store.unfinished()) == {(a.id, 1, "m"), (b.id, 0, "m")}
 
 
 def test_results_expire_after_the_retention(store: JobStore, clock: Clock, tmp_path) -> None:

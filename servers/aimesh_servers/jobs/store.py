@@ -276,20 +276,15 @@ class JobStore:
                     ended_at=now, expire_at=now + self.retention))
         return True
 
-    def unfinished(self) -> list[tuple[str, int]]:
-        """(job id, item) of every item still to run, oldest job first: re-enqueued at start."""
-        query = (sa.select(job_items.c.job_id, job_items.c.idx)
+    def unfinished(self) -> list[tuple[str, int, str]]:
+        """(job id, item, model) of every item still to run, oldest job first: re-enqueued
+        at start (a restarted mesh resumes its jobs)."""
+        query = (sa.select(job_items.c.job_id, job_items.c.idx, jobs.c.model)
                  .join(jobs, jobs.c.id == job_items.c.job_id)
                  .where(job_items.c.state.in_((QUEUED, RUNNING)))
                  .order_by(jobs.c.created_at, job_items.c.job_id, job_items.c.idx))
         with self.engine.connect() as conn:
-            return [(job_id, idx) for job_id, idx in conn.execute(query)]
-
-    def job_of(self, job_id: str) -> JobRecord | None:
-        """A job by id alone (workers)."""
-        with self.engine.connect() as conn:
-            row = conn.execute(jobs.select().where(jobs.c.id == job_id)).one_or_none()
-            return None if row is None else _job(row, {})
+            return [(job_id, idx, model) for job_id, idx, model in conn.execute(query)]
 
     # --- retention -----------------------------------------------------------------------
 

@@ -350,6 +350,9 @@ def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool,
     }
 
 
+JOBS_SERVICE_PREFIX = "/aimesh.jobs.v1.JobService/"
+
+
 def _control_route(prefix: str, capability: str, public: bool, version: int) -> dict[str, Any]:
     return {"match": {"prefix": prefix}, "route": {"cluster": CONTROL_CLUSTER, "timeout": "30s"},
             "metadata": route_metadata(capability, "", public, version)}
@@ -397,6 +400,10 @@ def routes(spec: MeshSpec, version: int = INITIAL_ADMISSION["version"]) -> list[
           if prefix not in (HEALTHZ_PATH, READYZ_PATH)),
         _control_route(TENANT_SERVICE_PREFIX, ADMIN_CAPABILITY, False, version),
         _control_route(USAGE_SERVICE_PREFIX, USAGE_CAPABILITY, False, version),
+        # Any valid token: JobService checks each job's capability against the token's scopes.
+        # No route timeout: a WatchJob stream lasts as long as its job (callers set deadlines).
+        {**_control_route(JOBS_SERVICE_PREFIX, USAGE_CAPABILITY, False, version),
+         "route": {"cluster": CONTROL_CLUSTER, "timeout": "0s"}},
         # Servers report usage to the control plane directly; never from the front door.
         {"match": {"prefix": INGEST_SERVICE_PREFIX}, "direct_response": {
             "status": 404, "body": {"inline_string": "usage ingest is internal to the mesh\n"}}},

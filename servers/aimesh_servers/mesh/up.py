@@ -28,6 +28,7 @@ import yaml
 
 from ..capabilities import CAPABILITIES
 from ..control.servicer import ControlCapability, EnvoyHealth
+from ..jobs.process import supervise_workers
 from ..registry.consul import ConsulDiscovery
 from ..registry.discovery import Discovery, LocalDiscovery
 from ..registry.schema import Model, Pool, Registry, RegistryError, load_registry
@@ -374,6 +375,10 @@ async def _run(args: argparse.Namespace) -> int:
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait({ready, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
+            await plane.jobs.start()  # job items are calls through the front door: once it routes
+            if args.redis and args.job_workers > 0:
+                tasks.append(asyncio.create_task(supervise_workers(
+                    args.job_workers, args, f"127.0.0.1:{spec.port}", state, stop, say)))
             say(_banner(spec, access) + f"\n  page:    http://127.0.0.1:{ops.port}/  (operator page, this machine only)")
         await stop.wait()
     finally:

@@ -24,6 +24,8 @@ from pathlib import Path
 import grpc
 from aimesh.usage.v1 import usage_ingest_pb2, usage_ingest_pb2_grpc
 
+from ..jobs.settings import JobSettings
+from ..jobs.system import JobSystem
 from ..mesh.envoy_config import MeshSpec
 from ..mesh.tenancy_envoy import (
     MESH_AUDIENCE,
@@ -102,6 +104,11 @@ class TenancyPlane:
             UsageCapability(self.engine, self.store.monthly_budget),
             IngestCapability(self.collector),
         ]
+        # Jobs share this database; their workers start once the front door routes (up.py).
+        self.jobs = JobSystem(registry, self.engine, self.store, state_dir=spec.state_dir,
+                              front=f"127.0.0.1:{spec.port}", enforce=settings.enforce,
+                              redis_url=settings.redis_url, settings=JobSettings.from_env())
+        self.capabilities.append(self.jobs.capability)
         self._jwks_written: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -141,6 +148,7 @@ class TenancyPlane:
 
     async def close(self) -> None:
         """After the servers drained: every reported call and log line is recorded."""
+        await self.jobs.close()
         await asyncio.sleep(0.5)  # Envoy flushes its access log every 200 ms
         for task in self._tasks:
             task.cancel()
