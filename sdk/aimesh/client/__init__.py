@@ -10,6 +10,7 @@ import grpc
 
 from .embedding import AsyncEmbeddingClient, EmbeddingClient
 from .image import AsyncImageClient, ImageClient
+from .jobs import AsyncJobsClient, JobsClient
 from .registry import AsyncRegistryClient, RegistryClient
 from .speech import (
     AsyncSpeechToTextClient,
@@ -56,6 +57,7 @@ class Client:
         self.tts = TextToSpeechClient(transport)
         self.tenants = TenantsClient(transport)  # admin scope
         self.usage = UsageClient(transport)
+        self.jobs = JobsClient(transport)
 
     def close(self) -> None:
         self.channel.close()
@@ -87,6 +89,7 @@ class AsyncClient:
         self.tts = AsyncTextToSpeechClient(transport)
         self.tenants = AsyncTenantsClient(transport)  # admin scope
         self.usage = AsyncUsageClient(transport)
+        self.jobs = AsyncJobsClient(transport)
 
     async def close(self) -> None:
         await self.channel.close()
