@@ -102,7 +102,7 @@ def test_filter_order_strips_internal_headers_first_and_verifies_after_the_trans
     filters = listener(config)["http_filters"]
     assert [f["name"] for f in filters] == [
         "envoy.filters.http.header_mutation", "envoy.filters.http.grpc_json_transcoder",
-        JWT_FILTER, LUA_FILTER, "envoy.filters.http.router"]
+        JWT_FILTER, LUA_FILTER, "envoy.filters.http.buffer", "envoy.filters.http.router"]
     removed = [m["remove"] for m in filters[0]["typed_config"]["mutations"]["request_mutations"]]
     assert set(INTERNAL_HEADERS) <= set(removed)  # plus the x-envoy-* router controls
     assert {"x-aimesh-tenant", "x-aimesh-scopes", "x-aimesh-token-id", "x-aimesh-reason"} <= set(removed)

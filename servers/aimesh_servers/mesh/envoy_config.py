@@ -29,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from aimesh import error_model
+from google.rpc import error_details_pb2, status_pb2
 
 from ..registry.schema import Capability, Model, Registry
 from ..runtime.errors import DOMAIN
 from .certs import CONTROL, ENVOY_CLIENT_SECRET, MESH_CA_SECRET, MODEL_SERVER, CertStore
+from .descriptors import aimesh_files
 from .tenancy_envoy import (
     ADMIN_CAPABILITY,
     INGEST_SERVICE_PREFIX,
@@ -346,8 +348,43 @@ def _model_route(spec: MeshSpec, service: str, model: Model, by_header: bool,
             "retry_policy": _retry_policy(model.capability),
             "hedge_policy": {"hedge_on_per_try_timeout": True},
         },
+        "typed_per_filter_config": {BUFFER_FILTER: body_limit(service, model.capability)},
         "metadata": route_metadata(SERVICE_CAPABILITY.get(service, ""), model.id, False, version),
     }
+
+
+MiB = 1024 * 1024
+# The largest request (gRPC-framed bytes, after the transcoder) the front door takes per
+# capability: text tiny, an embedding batch a few MiB, images and audio files large. A
+# service with a client-streaming method (live audio) is not buffered, which would stop
+# it being live: each of its messages is bounded by the server's message size limit.
+BODY_LIMITS: dict[Capability, int] = {
+    Capability.TEXT_GENERATION: 1 * MiB,
+    Capability.TEXT_TO_SPEECH: 1 * MiB,
+    Capability.EMBEDDING: 8 * MiB,
+    Capability.IMAGE_GENERATION: 32 * MiB,
+    Capability.IMAGE_TO_TEXT: 32 * MiB,
+    Capability.SPEECH_TO_TEXT: 32 * MiB,
+}
+CONTROL_BODY_LIMIT = 1 * MiB  # registry, tenant and usage APIs
+# An HTTP/JSON body carries bytes as base64 (4/3 larger) before the transcoder turns it
+# into gRPC; the per-route limits then apply to the gRPC bytes.
+HTTP_JSON_BODY_LIMIT = 48 * MiB
+BUFFER_FILTER = "envoy.filters.http.buffer"
+BUFFER_PER_ROUTE = "envoy.extensions.filters.http.buffer.v3.BufferPerRoute"
+
+
+def client_streaming_services() -> set[str]:
+    return {s.full_name for f in aimesh_files() for s in f.services_by_name.values()
+            if any(m.client_streaming for m in s.methods)}
+
+
+def body_limit(service: str, capability: Capability) -> dict[str, Any]:
+    """The buffer filter's per-route config: a body over the limit is answered 413 /
+    INVALID_ARGUMENT REQUEST_TOO_LARGE (too_large_mappers) before it reaches a server."""
+    if service in client_streaming_services():
+        return _typed(BUFFER_PER_ROUTE, disabled=True)
+    return _typed(BUFFER_PER_ROUTE, buffer={"max_request_bytes": BODY_LIMITS[capability]})
 
 
 JOBS_SERVICE_PREFIX = "/aimesh.jobs.v1.JobService/"
@@ -469,9 +506,14 @@ def http_filters(spec: MeshSpec, services: list[str]) -> list[dict[str, Any]]:
                 "stream_sse_style_delimited": True,
             },
             request_validation_options={"reject_unknown_query_parameters": True},
+            max_request_body_size=HTTP_JSON_BODY_LIMIT,
         )},
         *([jwt_filter(spec)] if spec.tenancy else []),
         lua_filter(spec.tenancy),
+        # Last before the router: the route (and its body limit) is known by then, and an
+        # oversized call is refused before any upstream sees a byte of it.
+        {"name": BUFFER_FILTER, "typed_config": _typed(
+            "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=CONTROL_BODY_LIMIT)},
         {"name": "envoy.filters.http.router", "typed_config": _typed(
             "envoy.extensions.filters.http.router.v3.Router")},
     ]
@@ -487,7 +529,7 @@ def _unavailable(model: Model) -> tuple[str, status_pb2.Status]:
     message = f"model {model.id!r} is unavailable: no healthy server in its fallback chain ({chain})"
     info = error_details_pb2.ErrorInfo(reason="MODEL_UNAVAILABLE", domain=DOMAIN,
                                        metadata={"model": model.id, "pools": ",".join(p.id for p in model.pools)})
-    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=message)
+    status = status_pb2.Status(code=error_model.TABLE["MODEL_UNAVAILABLE"].code, message=message)
     status.details.add().Pack(info)
     return message, status
 
@@ -510,37 +552,86 @@ def _token_refusal_mappers() -> list[dict[str, Any]]:
     from_jwt_authn = {"header_filter": {"header": {"name": REFUSED_HEADER, "present_match": False}}}
     from_http = {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}}
     reason = "UNAUTHENTICATED"
-    status = status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=_TOKEN_HELP)
+    row = error_model.TABLE[reason]
+    status = status_pb2.Status(code=row.code, message=_TOKEN_HELP)
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
     reason_header = {"header": {"key": REASON_HEADER, "value": reason},
                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
     return [
         {
             "filter": {"and_filter": {"filters": [refused, from_jwt_authn, from_http]}},
-            "status_code": 401,
+            "status_code": row.http_status,
             "headers_to_add": [reason_header],
             "body_format_override": {
-                "json_format": {"code": code_pb2.UNAUTHENTICATED, "message": "%LOCAL_REPLY_BODY%", "details": [
+                "json_format": {"code": row.code, "message": "%LOCAL_REPLY_BODY%", "details": [
                     {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason,
                      "domain": DOMAIN, "metadata": {}}]},
                 "content_type": "application/json"},
         },
         {
             "filter": {"and_filter": {"filters": [refused, from_jwt_authn]}},
-            "status_code": 401,
+            "status_code": row.http_status,
             "headers_to_add": [reason_header, {
                 "header": {"key": "grpc-status-details-bin",
                            "value": base64.b64encode(status.SerializeToString()).decode().rstrip("=")},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+            # grpc-message must say what the Status says, or clients (grpcio-status) reject
+            # the details.
+            "body": {"inline_string": _TOKEN_HELP},
         },
     ]
+
+
+def _grpc_status_headers(status: status_pb2.Status) -> list[dict[str, Any]]:
+    """A gRPC local reply's status from the table (Envoy would derive one from the HTTP
+    status) and its details."""
+    return [{"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in (("grpc-status", str(status.code)), ("grpc-status-details-bin", (
+                base64.b64encode(status.SerializeToString()).decode().rstrip("="))))]
+
+
+def too_large_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
+    """The buffer filter's 413 becomes REQUEST_TOO_LARGE naming the capability's limit:
+    HTTP 413 with a JSON google.rpc.Status, or INVALID_ARGUMENT with ErrorInfo over gRPC."""
+    row = error_model.TABLE["REQUEST_TOO_LARGE"]
+    too_large = {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 413, "runtime_key": "aimesh.too_large"}}}}
+    from_http = {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}}
+    capabilities = {service: model.capability for model in spec.registry.models
+                    for service in model.services}
+    mappers: list[dict[str, Any]] = []
+    for service, capability in sorted(capabilities.items()):
+        if service in client_streaming_services():
+            continue
+        limit = BODY_LIMITS[capability]
+        message = (f"the request is larger than the {limit / MiB:g} MiB the front door accepts "
+                   f"for {capability.value}")
+        metadata = {"limit_bytes": str(limit), "capability": capability.value}
+        status = status_pb2.Status(code=row.code, message=message)
+        status.details.add().Pack(error_details_pb2.ErrorInfo(
+            reason="REQUEST_TOO_LARGE", domain=DOMAIN, metadata=metadata))
+        this_service = {"header_filter": {"header": {
+            "name": ":path", "string_match": {"prefix": f"/{service}/"}}}}
+        mappers.append({
+            "filter": {"and_filter": {"filters": [too_large, this_service, from_http]}},
+            "status_code": row.http_status,
+            "body_format_override": {"json_format": {"code": row.code, "message": message, "details": [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "REQUEST_TOO_LARGE",
+                 "domain": DOMAIN, "metadata": metadata}]}, "content_type": "application/json"},
+        })
+        mappers.append({
+            "filter": {"and_filter": {"filters": [too_large, this_service]}},
+            "headers_to_add": _grpc_status_headers(status),
+            "body": {"inline_string": message},
+        })
+    return mappers
 
 
 def local_reply_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
     """Envoy's own 'no healthy upstream' becomes AIP-193: UNAVAILABLE + ErrorInfo naming the
     model, as grpc-status-details-bin for gRPC callers and a google.rpc.Status JSON body over
     HTTP; so do jwt_authn's refusals."""
-    mappers = _token_refusal_mappers() if spec.tenancy else []
+    mappers = [*too_large_mappers(spec), *(_token_refusal_mappers() if spec.tenancy else [])]
     for model in spec.registry.models:
         message, status = _unavailable(model)
         details_bin = base64.b64encode(status.SerializeToString()).decode().rstrip("=")
@@ -554,7 +645,7 @@ def local_reply_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
             "filter": {"and_filter": {"filters": [unroutable, this_model, from_http]}},
             "body_format_override": {
                 "json_format": {
-                    "code": code_pb2.UNAVAILABLE, "message": message,
+                    "code": status.code, "message": message,
                     "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
                                  "reason": "MODEL_UNAVAILABLE", "domain": DOMAIN,
                                  "metadata": {"model": model.id}}]},
@@ -602,6 +693,36 @@ def tracing(spec: MeshSpec) -> dict[str, Any]:
     }
 
 
+ENVOY_MAX_HEAP_BYTES = 1024 * MiB
+MAX_DOWNSTREAM_CONNECTIONS = 10_000
+# Heap use (share of ENVOY_MAX_HEAP_BYTES) at which Envoy acts: give memory back to the
+# system, then stop keep-alive so callers spread to other front doors, then answer new
+# requests 503 (UNAVAILABLE: the SDK and load balancers try elsewhere) instead of dying.
+OVERLOAD_ACTIONS = {
+    "envoy.overload_actions.shrink_heap": 0.90,
+    "envoy.overload_actions.disable_http_keepalive": 0.92,
+    "envoy.overload_actions.stop_accepting_requests": 0.95,
+}
+HEAP_MONITOR = "envoy.resource_monitors.fixed_heap"
+
+
+def overload_manager() -> dict[str, Any]:
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {"name": HEAP_MONITOR, "typed_config": _typed(
+                "envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                max_heap_size_bytes=ENVOY_MAX_HEAP_BYTES)},
+            # Connections past this many are closed at accept, across all listeners.
+            {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": _typed(
+                "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS)},
+        ],
+        "actions": [{"name": action, "triggers": [{"name": HEAP_MONITOR, "threshold": {"value": at}}]}
+                    for action, at in OVERLOAD_ACTIONS.items()],
+    }
+
+
 def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -618,10 +739,13 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
         # usage records join on it).
         use_remote_address=True,
         xff_num_trusted_hops=0,
-        # A caller's streams and headers are bounded (gRPC bodies are bounded by each
-        # server's message size limit).
-        http2_protocol_options={"max_concurrent_streams": 128},
+        # A caller's streams, flow-control windows (Envoy's default is 256 MiB per stream)
+        # and headers are bounded; bodies per capability (BODY_LIMITS).
+        http2_protocol_options={"max_concurrent_streams": 128,
+                                "initial_stream_window_size": 1 * MiB,
+                                "initial_connection_window_size": 4 * MiB},
         max_request_headers_kb=32,
+        common_http_protocol_options={"max_headers_count": 100},
         access_log=[{"name": "envoy.access_loggers.file", "typed_config": _typed(
             "envoy.extensions.access_loggers.file.v3.FileAccessLog",
             path=str(spec.state_dir / "access.log"),
@@ -633,6 +757,7 @@ def bootstrap(spec: MeshSpec, services: list[str]) -> dict[str, Any]:
     )
     return {
         "node": {"id": "aimesh-front-door", "cluster": "aimesh"},
+        "overload_manager": overload_manager(),
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": spec.admin_port}}},
         "static_resources": {
             "listeners": [{
