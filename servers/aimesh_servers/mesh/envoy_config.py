@@ -297,12 +297,14 @@ def control_cluster(spec: MeshSpec) -> dict[str, Any]:
 
 
 def _retry_policy(capability: Capability) -> dict[str, Any]:
-    """At most 4 attempts per call, Envoy's and the SDK's together: Envoy retries a call's
-    first attempt up to twice (along the fallback chain), and never an attempt that is
-    itself a client's retry (gRPC marks those with `grpc-previous-rpc-attempts`); the SDK
-    makes at most 2 attempts (aimesh.client.transport.MAX_ATTEMPTS). So 3 + 1 = 4. With a
-    single retry, Envoy 1.40 sometimes sent it back to a just-killed primary instead of the
-    next priority (tests/mesh/test_consul_mesh.py failed 4 runs in 10). An attempt past
+    """At most 3 attempts per call, Envoy's and the SDK's together (MAX_ATTEMPTS_PER_CALL):
+    Envoy retries a call's first attempt up to twice (along the fallback chain), and never
+    an attempt that is itself a client's retry (gRPC marks those with
+    `grpc-previous-rpc-attempts`); the SDK makes at most 2 attempts, and none after Envoy
+    made 3 (the Lua filter answers those failures with "don't retry":
+    tenancy_envoy._LUA_ATTEMPT_CAP). With a single Envoy retry, Envoy 1.40 sometimes sent
+    it back to a just-killed primary instead of the next priority
+    (tests/mesh/test_consul_mesh.py failed 4 runs in 10). An attempt past
     its first-byte timeout (TRY_TIMEOUTS) is hedged onto the next pool (see the route's
     hedge_policy)."""
     timeouts = TRY_TIMEOUTS[capability]
@@ -468,6 +470,8 @@ def route_configuration(spec: MeshSpec, admission: dict[str, Any]) -> dict[str, 
         "name": ROUTE_CONFIG_NAME,
         "virtual_hosts": [{"name": "aimesh", "domains": ["*"],
                            "metadata": virtual_host_metadata(admission),
+                           # x-envoy-attempt-count on responses: the attempt cap reads it.
+                           "include_attempt_count_in_response": True,
                            "routes": routes(spec, int(admission["version"]))}],
     }
 

@@ -212,11 +212,28 @@ local function route_by_model(h)
 end
 """
 
+# Attempts a call may cost, the front door's and the SDK's together: Envoy tries a call's
+# first attempt up to 3 times (envoy_config's retry policy) and never an SDK retry, which
+# is one attempt; so once Envoy has made 3, the SDK must not retry. A trailers-only
+# failure after the last of them tells gRPC clients so ("don't retry": pushback -1); the
+# router reports its count in x-envoy-attempt-count (include_attempt_count_in_response).
+MAX_ATTEMPTS_PER_CALL = 3
+_LUA_ATTEMPT_CAP = """
+function envoy_on_response(h)
+  local headers = h:headers()
+  local status = headers:get("grpc-status")
+  if status ~= nil and status ~= "0"
+      and (tonumber(headers:get("x-envoy-attempt-count") or "") or 0) >= {MAX_ATTEMPTS} then
+    headers:replace("grpc-retry-pushback-ms", "-1")
+  end
+end
+""".replace("{MAX_ATTEMPTS}", str(MAX_ATTEMPTS_PER_CALL))
+
 LUA_ROUTING_ONLY = _LUA_ROUTE_BY_MODEL + """
 function envoy_on_request(h)
   route_by_model(h)
 end
-"""
+""" + _LUA_ATTEMPT_CAP
 
 def _lua_refusals(*reasons: str) -> str:
     rows = (f'{name} = {{{error_model.TABLE[name].code}, "{error_model.TABLE[name].http_status}"}}'
@@ -454,7 +471,7 @@ function envoy_on_request(h)
                message = "the front door could not check this call; retry later"})
   end
 end
-""".replace("{DOMAIN}", DOMAIN).replace("{REFUSALS}", _lua_refusals(
+""".replace("{DOMAIN}", DOMAIN) + _LUA_ATTEMPT_CAP.replace("{REFUSALS}", _lua_refusals(
     "UNAUTHENTICATED", "PERMISSION_DENIED", "RATE_LIMITED", "BUDGET_EXHAUSTED", "ENGINE_FAILURE"))
 
 
