@@ -12,10 +12,11 @@ jittered, as `grpc-retry-pushback-ms`, which gRPC waits for before the next atte
 sends -1 (no retry) when that delay would not fit the call's deadline. `retryThrottling`
 stops retries on a channel whose calls mostly fail, so retries cannot multiply load.
 
-Attempt budget, Envoy included: at most 4 per call. The front door retries a call's
+Attempt budget, Envoy included: at most 3 per call. The front door retries a call's
 first attempt up to twice, along the fallback chain, and never an attempt that is
-itself a retry (one carrying `grpc-previous-rpc-attempts`); so with MAX_ATTEMPTS = 2 a
-call costs at most 3 + 1 = 4 attempts (see `_retry_policy` in the Envoy config).
+itself a retry (one carrying `grpc-previous-rpc-attempts`); when its third attempt
+fails it answers with pushback -1, so the SDK retries (MAX_ATTEMPTS = 2) only a call
+that cost Envoy at most 2: 2 + 1 or 3 + 0 (see `_retry_policy` in the Envoy config).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def service_config(max_attempts: int = MAX_ATTEMPTS, retry_busy: bool = True) ->
 def channel_options(max_attempts: int = MAX_ATTEMPTS, retry_busy: bool = True) -> list[tuple[str, Any]]:
     if not 1 <= max_attempts <= MAX_ATTEMPTS:
         raise ValueError(f"max_attempts must be 1 (no retry) to {MAX_ATTEMPTS}: the front door may "
-                         f"add two tries, and a call never costs more than 4; got {max_attempts}")
+                         f"add two tries, and a call never costs more than 3; got {max_attempts}")
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
