@@ -24,8 +24,11 @@ from .tenancy.cli import add_tenants_parser
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .runtime import logs
     from .runtime.runner import ModelServer
     from .runtime.settings import ServerSettings
+
+    logs.configure("DEBUG" if args.verbose else "INFO")
 
     info = CAPABILITIES[args.capability]
     module = info.load()

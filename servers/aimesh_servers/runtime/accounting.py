@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from .logs import trace_id_of
 from .service import SERVED_BY_METADATA
 
 TENANT_HEADER = "x-aimesh-tenant"
@@ -42,6 +43,7 @@ class CallAccount:
     served_model: str = ""
     served_version: str = ""
     pool: str = ""
+    trace_id: str = ""  # of the caller's traceparent, for log lines
     cache_hit: bool = False  # answered from the response cache (runtime/cache.py)
 
     def set_units(self, unit: str, input_units: float, output_units: float) -> None:
@@ -92,7 +94,8 @@ def begin(method: str, context: grpc.aio.ServicerContext) -> CallAccount:
     metadata = dict(context.invocation_metadata() or ())
     account = CallAccount(
         method=method, request_id=metadata.get(REQUEST_ID_HEADER, ""),
-        tenant=metadata.get(TENANT_HEADER, ""), requested_model=metadata.get(MODEL_HEADER, ""))
+        tenant=metadata.get(TENANT_HEADER, ""), requested_model=metadata.get(MODEL_HEADER, ""),
+        trace_id=trace_id_of(metadata.get("traceparent", "")))
     _CURRENT.set(account)
     return account
 

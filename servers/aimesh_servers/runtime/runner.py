@@ -26,6 +26,7 @@ from . import accounting
 from .admission import Admission
 from .cache import build_cache
 from .interceptor import AimeshServerInterceptor
+from .logs import CallLog
 from .metrics import ServerMetrics
 from .service import Capability
 from .settings import ServerSettings
@@ -96,6 +97,7 @@ class ModelServer:
         if self.metrics is not None:
             metrics = f", metrics on :{self.metrics.serve(self.settings.host, self.settings.metrics_port)}"
             accounting.install_sink(self.metrics)
+        accounting.install_sink(CallLog())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
