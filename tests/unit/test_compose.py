@@ -4,6 +4,7 @@ compose registry, and deploy/Dockerfile's install kept in step with scripts/setu
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from aimesh_servers.registry.schema import Registry, load_registry
+
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "compose.yml"
@@ -61,7 +62,8 @@ def test_every_registered_model_has_a_server_that_registers_with_consul(compose)
             assert server["command"][3:] == ["--model", model.id]
             assert server["environment"] == {
                 "AIMESH_CONSUL_HTTP_ADDR": "consul:8500", "AIMESH_HOST": "0.0.0.0",
-                "AIMESH_PORT": "50051", "AIMESH_POOL": pool.id, "AIMESH_ADVERTISE_HOST": name}
+                "AIMESH_PORT": "50051", "AIMESH_POOL": pool.id, "AIMESH_ADVERTISE_HOST": name,
+                "AIMESH_METRICS_PORT": "9100"}
             assert server["depends_on"]["consul"]["condition"] == "service_healthy"
             assert "model-cache:/cache" in server["volumes"] and server["healthcheck"]["test"]
 
@@ -96,3 +98,90 @@ def test_dockerfile_installs_what_setup_sh_installs():
         assert package in dockerfile, f"{package} (scripts/setup.sh) is not installed by the image"
     for package in set(_setup_sh_list("APT_PACKAGES")) - {"docker-compose"}:  # the image needs no compose
         assert package in dockerfile, f"apt {package} (scripts/setup.sh) is not installed by the image"
+
+
+# --- metrics and dashboards ----------------------------------------------------------------
+
+GRAFANA = ROOT / "deploy" / "grafana"
+
+
+def _model_servers(services: dict) -> list[str]:
+    return [name for name, service in services.items() if service.get("command", [])[:2] == ["aimesh", "serve"]]
+
+
+def test_prometheus_scrapes_every_model_server(compose):
+    services = compose["services"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    assert targets == {f"{name}:9100" for name in _model_servers(services)}
+    promtool = shutil.which("promtool")  # the prometheus package (scripts/setup.sh)
+    if promtool:
+        checked = subprocess.run([promtool, "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+                                 capture_output=True, text=True, check=False, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _dashboard() -> dict:
+    return json.loads((GRAFANA / "dashboards" / "aimesh.json").read_text())
+
+
+def _targets(datasource_uid: str) -> list[dict]:
+    return [t for panel in _dashboard()["panels"] for t in panel["targets"]
+            if t["datasource"]["uid"] == datasource_uid]
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_its_data_sources(compose):
+    grafana = compose["services"]["grafana"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
+    sources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "aimesh.yml").read_text())
+    by_uid = {s["uid"]: s for s in sources["datasources"]}
+    assert by_uid["prometheus"]["url"] == "http://prometheus:9090"
+    assert by_uid["usage"]["url"] == "postgres:5432"  # the compose PostgreSQL the mesh writes usage to
+    [provider] = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "aimesh.yml").read_text())["providers"]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    used = {t["datasource"]["uid"] for panel in _dashboard()["panels"] for t in panel["targets"]}
+    assert used == set(by_uid)
+    titles = " ".join(panel["title"] for panel in _dashboard()["panels"]).lower()
+    for topic in ("calls/s", "p95", "error", "fallback", "units", "cost by tenant", "cost by model"):
+        assert topic in titles, topic
+
+
+def _exposed_metric_names() -> set[str]:
+    """Every sample name a model server's /metrics can show (runtime/metrics.py)."""
+    from aimesh_servers.runtime.admission import Admission
+    from aimesh_servers.runtime.metrics import ServerMetrics
+
+    metrics = ServerMetrics(Admission(slots=1, max_queue=1, queue_timeout_s=1.0))
+    names = set()
+    for family in metrics.registry.collect():
+        names.add(family.name)
+        names.update(f"{family.name}{suffix}" for suffix in ("_total", "_bucket", "_count", "_sum"))
+    return names
+
+
+def test_dashboard_queries_name_metrics_that_exist():
+    exposed = _exposed_metric_names()
+    exprs = [t["expr"] for t in _targets("prometheus")]
+    assert exprs
+    for expr in exprs:
+        named = set(re.findall(r"\baimesh_[a-z_]+", expr))
+        assert named and named <= exposed, f"{expr}: {sorted(named - exposed)} not in runtime/metrics.py"
+
+
+def test_dashboard_usage_queries_run_against_the_usage_table(tmp_path):
+    """The SQL panels, Grafana's macros replaced by plain SQL, on a real (SQLite) usage database."""
+    import sqlalchemy as sa
+    from aimesh_servers.tenancy.db import make_engine, migrate, sqlite_url
+
+    engine = make_engine(sqlite_url(tmp_path))
+    migrate(engine)
+    queries = [t["rawSql"] for t in _targets("usage")]
+    assert len(queries) >= 3
+    with engine.connect() as db:
+        for query in queries:
+            plain = re.sub(r"\$__timeGroupAlias\((\w+), '[^']+'\)", r"\1 AS time", query)
+            plain = re.sub(r"\$__timeFilter\((\w+)\)", r"\1 >= '2000-01-01'", plain)
+            assert "$__" not in plain, plain
+            db.execute(sa.text(plain)).fetchall()
