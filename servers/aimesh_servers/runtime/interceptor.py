@@ -295,7 +295,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: AimeshError, method: str) -> None:
         code = grpc_code(exc)
-        log.info("%s -> %s %s: %s", method, code.name, exc.reason_name, exc.message)
+        log.debug("%s -> %s %s: %s", method, code.name, exc.reason_name, exc.message)  # per call: DEBUG only
         status = status_of(exc)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.retry_after_s is not None:
             # A retry the caller's deadline cannot wait for would only fail later: say none.
