@@ -256,8 +256,8 @@ def _banner(spec: MeshSpec, access: LocalAccess | None) -> str:
     front = f"{spec.listen_host}:{spec.port}"
     text_model = next((m.id for m in spec.registry.models if m.capability.value == "text_generation"), None)
     lines = [
-        f"mesh ready: front door {front} (gRPC and HTTP/JSON{', TLS' if spec.front_tls else ''}), "
-        f"Envoy admin 127.0.0.1:{spec.admin_port}",
+        (f"mesh ready: front door {front} (gRPC and HTTP/JSON{', TLS' if spec.front_tls else ''}), "
+         f"Envoy admin 127.0.0.1:{spec.admin_port}"),
     ]
     if access is not None:
         lines += [
