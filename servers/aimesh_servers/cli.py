@@ -44,8 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.version:
         model = replace(model, version=args.version)
     server = ModelServer(settings, [module.build(model, settings)])
-    asyncio.run(server.run_until_signal())
-    return 0
+    return asyncio.run(server.run_until_signal())
 
 
 def _up(args: argparse.Namespace) -> int:

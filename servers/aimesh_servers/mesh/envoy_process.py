@@ -47,26 +47,27 @@ def write_config(spec: MeshSpec, controller: EndpointController) -> Path:
 
 def validate(config: Path) -> None:
     result = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise EnvoyError(f"envoy rejected {config}:\n{result.stdout}{result.stderr}")
 
 
 def start(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    log = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its life
-    return subprocess.Popen(
-        terminate_with_parent([
-            envoy_binary(), "-c", str(config), "--log-level", "warning",
-            # One worker: the admission filter's request counters (Lua globals, one set per
-            # worker) then count every call of this front door, so limits are exact. One
-            # worker proxies far more calls/s than the model servers behind it answer.
-            "--concurrency", "1",
-            # The usage collector tails the access log to record calls refused at the edge.
-            "--file-flush-interval-msec", "200",
-            # No hot restart: several meshes (tests, a developer's `aimesh up`) share one machine.
-            "--disable-hot-restart", "--drain-time-s", "2"]),
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
+    # Envoy writes to its own copy of the descriptor; ours is closed once it has started.
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            terminate_with_parent([
+                envoy_binary(), "-c", str(config), "--log-level", "warning",
+                # One worker: the admission filter's request counters (Lua globals, one set per
+                # worker) then count every call of this front door, so limits are exact. One
+                # worker proxies far more calls/s than the model servers behind it answer.
+                "--concurrency", "1",
+                # The usage collector tails the access log to record calls refused at the edge.
+                "--file-flush-interval-msec", "200",
+                # No hot restart: several meshes (tests, a developer's `aimesh up`) share one machine.
+                "--disable-hot-restart", "--drain-time-s", "2"]),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
 
 
 def wait_ready(admin_port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

@@ -136,14 +136,17 @@ class ModelServer:
                 await asyncio.to_thread(self.registrar.register, instance)  # HTTP off the loop
                 self.instances.append(instance)
 
-    async def drain(self) -> None:
-        """Deregister and go NOT_SERVING, keep serving a moment, then stop with a grace period."""
+    async def drain(self, served: bool = True) -> None:
+        """Deregister and go NOT_SERVING, keep serving a moment (when it `served` at all),
+        then stop with a grace period and close everything start() opened."""
         announce("draining: NOT_SERVING")
         self.watchdog.stop()
         for instance in self.instances:
             await asyncio.to_thread(self.registrar.deregister, instance)  # type: ignore[union-attr]
+        self.instances.clear()
         await self.health.enter_graceful_shutdown()
-        await asyncio.sleep(self.settings.drain_delay_s)
+        if served:
+            await asyncio.sleep(self.settings.drain_delay_s)
         if self.server is not None:
             await self.server.stop(self.settings.drain_grace_s)
         self.executor.shutdown(wait=False)
@@ -158,19 +161,30 @@ class ModelServer:
             await self.usage.close()
         announce("stopped")
 
-    async def run_until_signal(self) -> None:
+    async def run_until_signal(self) -> int:
+        """Serves until SIGTERM/SIGINT, then drains; the process's exit status. A start that
+        fails (a model that does not load) deregisters, closes what it opened, says why on
+        one line and returns 1, so no registration outlives the process."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         start = asyncio.create_task(self.start())
         stop = asyncio.create_task(self._stopping.wait())
         await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done() and (failure := start.exception()) is not None:
+            log.error("start failed", exc_info=failure)
+            stop.cancel()
+            await self.drain(served=False)
+            models = ", ".join(m.id for cap in self.capabilities for m in cap.models)
+            why = " ".join(f"{type(failure).__name__}: {failure}".split())
+            announce(f"failed to start {models}: {why}")
+            return 1
         if start.done():
-            start.result()  # re-raise a failed model load
             await stop
         await self.drain()
         if not start.done():
             start.cancel()
+        return 0
 
 
 def announce(message: str) -> None:
