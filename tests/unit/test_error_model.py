@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import aimesh
@@ -15,6 +16,7 @@ from aimesh.client.transport import service_config
 from aimesh.common.v1 import common_pb2
 from aimesh.errors import from_rpc_error
 from aimesh_servers.mesh.envoy_config import RETRY_ON
+from aimesh_servers.mesh.tenancy_envoy import LUA_ADMISSION
 from aimesh_servers.providers import openai_compat
 from aimesh_servers.runtime import errors
 from aimesh_servers.runtime.admission import Admission
@@ -64,6 +66,16 @@ def test_retry_advice_agrees_with_the_sdk_service_config_and_envoys_retry_policy
     # a caller's input must never eject a host.
     for name, row in error_model.TABLE.items():
         assert row.ejects == (row.envoy_retries and row.http_status in (502, 503, 504)), name
+
+
+def test_the_front_doors_lua_refusals_take_their_codes_from_the_table():
+    table = re.search(r"^local REFUSALS = (.*)$", LUA_ADMISSION, re.MULTILINE)
+    assert table is not None
+    rows = dict(re.findall(r"(\w+) = \{(\d+, \"\d+\")\}", table.group(1)))
+    assert set(rows) == set(re.findall(r'refuse\(h, \{reason = "(\w+)"', LUA_ADMISSION)) | {"BUDGET_EXHAUSTED"}
+    for reason, pair in rows.items():
+        row = error_model.TABLE[reason]
+        assert pair == f'{row.code}, "{row.http_status}"', reason
 
 
 def test_a_code_outside_the_table_is_refused_when_the_error_class_is_defined():

@@ -235,6 +235,7 @@ function envoy_on_request(h)
 end
 """ + _LUA_ATTEMPT_CAP
 
+
 def _lua_refusals(*reasons: str) -> str:
     rows = (f'{name} = {{{error_model.TABLE[name].code}, "{error_model.TABLE[name].http_status}"}}'
             for name in reasons)
@@ -471,8 +472,9 @@ function envoy_on_request(h)
                message = "the front door could not check this call; retry later"})
   end
 end
-""".replace("{DOMAIN}", DOMAIN) + _LUA_ATTEMPT_CAP.replace("{REFUSALS}", _lua_refusals(
-    "UNAUTHENTICATED", "PERMISSION_DENIED", "RATE_LIMITED", "BUDGET_EXHAUSTED", "ENGINE_FAILURE"))
+""".replace("{DOMAIN}", DOMAIN).replace("{REFUSALS}", _lua_refusals(
+    "UNAUTHENTICATED", "PERMISSION_DENIED", "RATE_LIMITED", "BUDGET_EXHAUSTED", "ENGINE_FAILURE")
+) + _LUA_ATTEMPT_CAP
 
 
 def lua_filter(tenancy: bool) -> dict[str, Any]:
