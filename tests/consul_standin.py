@@ -12,11 +12,17 @@ Check every interval, first run staggered within the interval, new checks start
 critical), returns under `passing` only entries whose checks all pass, bumps the
 index only when the service's registrations or check statuses change, and reaps a
 service critical for longer than DeregisterCriticalServiceAfter (at least 1 minute,
-reaper every 30 s). Anything else (other check kinds, TLS, ACLs, KV, catalog,
-filters, more nodes) is answered 400/404: a gap must fail loudly, not pass quietly.
+reaper every 30 s). With `acl` it enforces tokens like an agent with `default_policy =
+"deny"`: the token comes from X-Consul-Token (or `Authorization: Bearer`, or ?token=),
+an unknown one gets 403 "ACL not found", a registration or deregistration without
+service:write on the service's name 403 "Permission denied", and a health query without
+service:read gets the entries filtered out (X-Consul-Results-Filtered-By-ACLs), as Consul
+does. Anything else (other check kinds, TLS, KV, catalog, filters, more nodes) is
+answered 400/404: a gap must fail loudly, not pass quietly.
 
-    python -m tests.consul_standin --port 8500      (a process; port 0: a free one)
-    with ConsulStandin() as agent: agent.address    (a thread, in a test)
+    python -m tests.consul_standin --port 8500 [--token SECRET=SERVICE:write ...]
+                                                    (a process; port 0: a free one)
+    with ConsulStandin(acl=...) as agent: agent.address    (a thread, in a test)
 """
 
 from __future__ import annotations
@@ -59,6 +65,42 @@ _CHECK_KEYS = {"grpc", "grpcusetls", "interval", "timeout", "deregistercriticals
 
 class BadRequest(ValueError):
     pass
+
+
+class Forbidden(Exception):
+    """403, with Consul's words."""
+
+
+@dataclass(frozen=True)
+class Token:
+    accessor_id: str
+    services: dict[str, str]  # service name -> "read" | "write" (write includes read)
+
+    def may(self, access: str, service: str) -> bool:
+        granted = self.services.get(service)
+        return granted == "write" or (granted == "read" and access == "read")
+
+
+ANONYMOUS = Token("00000000-0000-0000-0000-000000000002", {})
+
+
+@dataclass
+class Acl:
+    """ACLs on, default policy deny: tokens by secret id; no token is the anonymous one."""
+
+    tokens: dict[str, Token]
+
+    def token(self, secret: str | None) -> Token:
+        if not secret:
+            return ANONYMOUS
+        if secret not in self.tokens:
+            raise Forbidden("ACL not found")
+        return self.tokens[secret]
+
+    def require(self, token: Token, access: str, service: str) -> None:
+        if not token.may(access, service):
+            raise Forbidden(f"Permission denied: token with AccessorID '{token.accessor_id}' lacks "
+                            f'permission \'service:{access}\' on "{service}"')
 
 
 def parse_duration(text: str) -> float:
@@ -157,8 +199,9 @@ class Service:
 class Agent:
     """The agent's state: services, checks (each run by its own thread) and the index."""
 
-    def __init__(self, address: str = "127.0.0.1") -> None:
+    def __init__(self, address: str = "127.0.0.1", acl: Acl | None = None) -> None:
         self.address = address
+        self.acl = acl
         self.changed = threading.Condition()
         self.index = 1
         self.service_index: dict[str, int] = {}
@@ -175,7 +218,7 @@ class Agent:
 
     # -- agent/service endpoints --------------------------------------------------------
 
-    def register(self, body: Any) -> None:
+    def register(self, body: Any, token: Token | None = None) -> None:
         if not isinstance(body, dict):
             raise BadRequest("Request decode failed: body is not a JSON object")
         spec = _normalized(body, _SERVICE_KEYS, "service")
@@ -186,6 +229,8 @@ class Agent:
         port = spec.get("port", 0)
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise BadRequest(f"Invalid service port: {port!r}")
+        if self.acl is not None:
+            self.acl.require(token or ANONYMOUS, "write", name)
         tags = list(spec.get("tags") or [])
         raw_checks = ([spec["check"]] if spec.get("check") else []) + list(spec.get("checks") or [])
         checks = [self._check(raw, n, len(raw_checks), service_id, name)
@@ -234,8 +279,11 @@ class Agent:
             critical_since=time.monotonic() if status == "critical" else None,
         )
 
-    def deregister(self, service_id: str) -> bool:
+    def deregister(self, service_id: str, token: Token | None = None) -> bool:
         with self.changed:
+            service = self.services.get(service_id)
+            if self.acl is not None and service is not None:
+                self.acl.require(token or ANONYMOUS, "write", service.name)
             found = self._deregister(service_id)
         if found:
             log.info("deregistered %s", service_id)
@@ -285,7 +333,7 @@ class Agent:
     # -- health endpoint ----------------------------------------------------------------
 
     def health_service(self, name: str, query: dict[str, list[str]]) -> tuple[int, list[dict[str, Any]]]:
-        unknown = set(query) - {"passing", "index", "wait"}
+        unknown = set(query) - {"passing", "index", "wait", "token"}
         if unknown:
             raise BadRequest(f"the stand-in does not implement ?{min(unknown)}")
         passing = parse_bool(query["passing"][0]) if "passing" in query else False
@@ -377,27 +425,33 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         agent = self.server.agent
+        headers: dict[str, str] = {}
         try:
+            token = self._token(query)
             if path == "/v1/agent/service/register":
                 self._only(method, "PUT")
                 try:
                     body = json.loads(raw or b"null")
                 except ValueError as exc:
                     raise BadRequest(f"Request decode failed: {exc}") from None
-                agent.register(body)
+                agent.register(body, token)
                 self._reply(HTTPStatus.OK)
             elif path.startswith("/v1/agent/service/deregister/"):
                 self._only(method, "PUT")
                 service_id = path.removeprefix("/v1/agent/service/deregister/")
-                if agent.deregister(service_id):
+                if agent.deregister(service_id, token):
                     self._reply(HTTPStatus.OK)
                 else:
                     self._reply(HTTPStatus.NOT_FOUND, f'Unknown service ID "{service_id}". Ensure '
                                 "that the service ID is passed, not the service name.")
             elif path.startswith("/v1/health/service/"):
                 self._only(method, "GET")
-                index, entries = agent.health_service(path.removeprefix("/v1/health/service/"), query)
-                self._reply(HTTPStatus.OK, entries, {"X-Consul-Index": str(index),
+                name = path.removeprefix("/v1/health/service/")
+                index, entries = agent.health_service(name, query)
+                if agent.acl is not None and not token.may("read", name) and entries:
+                    entries = []
+                    headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+                self._reply(HTTPStatus.OK, entries, {**headers, "X-Consul-Index": str(index),
                                                      "X-Consul-KnownLeader": "true",
                                                      "X-Consul-LastContact": "0"})
             else:
@@ -406,6 +460,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} not allowed")
         except BadRequest as exc:
             self._reply(HTTPStatus.BAD_REQUEST, str(exc))
+        except Forbidden as exc:
+            self._reply(HTTPStatus.FORBIDDEN, str(exc))
+
+    def _token(self, query: dict[str, list[str]]) -> Token:
+        """The request's ACL token (anonymous without ACLs: then nothing is checked)."""
+        agent = self.server.agent
+        if agent.acl is None:
+            return ANONYMOUS
+        bearer = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        return agent.acl.token(self.headers.get("X-Consul-Token") or bearer or query.get("token", [""])[0])
 
     @staticmethod
     def _only(method: str, allowed: str) -> None:
@@ -450,8 +514,8 @@ class _Server(ThreadingHTTPServer):
 class ConsulStandin:
     """The stand-in agent on 127.0.0.1:<port> (0: a free one), served from a thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.agent = Agent(host)
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, acl: Acl | None = None) -> None:
+        self.agent = Agent(host, acl)
         self.server = _Server((host, port), self.agent)
         self.host, self.port = self.server.server_address[:2]
         self._thread = threading.Thread(target=self.server.serve_forever, name="consul-standin",
@@ -483,9 +547,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A stand-in Consul agent for aimesh tests.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8500, help="0 picks a free port (printed)")
+    parser.add_argument("--token", action="append", default=[], metavar="SECRET=SERVICE:POLICY",
+                        help="turn ACLs on (default deny) with this token (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    standin = ConsulStandin(args.host, args.port).start()
+    tokens: dict[str, Token] = {}
+    for number, spec in enumerate(args.token, 1):
+        secret, _, rule = spec.partition("=")
+        service, _, policy = rule.partition(":")
+        tokens[secret] = Token(f"00000000-0000-0000-0000-{number:012d}", {service: policy})
+    standin = ConsulStandin(args.host, args.port, Acl(tokens) if tokens else None).start()
     print(f"consul stand-in listening on {standin.address}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

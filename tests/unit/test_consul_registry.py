@@ -11,15 +11,22 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import consul
 import grpc
 import httpx
 import pytest
+from aimesh_servers.registry.consul import (
+    SIGNATURE_META,
+    ConsulDiscovery,
+    ConsulRegistrar,
+    RegistrationError,
+    parse_http_addr,
+    signature,
+)
+from aimesh_servers.registry.discovery import SERVICE_NAME, Instance
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aimesh_servers.registry.consul import ConsulDiscovery, ConsulRegistrar, parse_http_addr
-from aimesh_servers.registry.discovery import SERVICE_NAME, Instance
-from tests.consul_standin import ConsulStandin
+import consul
+from tests.consul_standin import Acl, ConsulStandin, Token
 from tests.servers import ServerProcess
 
 TEXT_SERVICE = "aimesh.text.v1.TextGenerationService"
@@ -83,10 +90,10 @@ def text_server(agent: ConsulStandin) -> Iterator[ServerProcess]:
         server.stop()
 
 
-def registrations(agent: ConsulStandin) -> list[dict[str, Any]]:
+def registrations(agent: ConsulStandin, token: str | None = None) -> list[dict[str, Any]]:
     """Every registration, passing or not (py-consul's own client, no ?passing)."""
     host, port, _ = parse_http_addr(agent.address)
-    with consul.Consul(host=host, port=port) as client:
+    with consul.Consul(host=host, port=port, token=token) as client:
         return client.health.service(SERVICE_NAME)[1]
 
 
@@ -202,3 +209,96 @@ def test_consul_addresses_parse_like_consul_http_addr():
     for bad in ("consul:http", "ftp://consul:8500", ""):
         with pytest.raises(ValueError):
             parse_http_addr(bad)
+
+
+SERVER_TOKEN, DISCOVERY_TOKEN, MESH_SECRET = "server-token", "discovery-token", "mesh-secret"
+
+
+@pytest.fixture
+async def health_port() -> AsyncIterator[int]:
+    """A real gRPC health server answering SERVING for the text service: registrations
+    pointing at it pass the agent's checks."""
+    server = grpc.aio.server()
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await checker.set(TEXT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    yield port
+    await server.stop(0)
+
+
+@pytest.fixture
+def acl_agent() -> Iterator[ConsulStandin]:
+    """ACLs on, default deny: a token that may register model servers, one that may read them."""
+    acl = Acl({SERVER_TOKEN: Token("accessor-server", {SERVICE_NAME: "write"}),
+               DISCOVERY_TOKEN: Token("accessor-discovery", {SERVICE_NAME: "read"})})
+    with ConsulStandin(acl=acl) as running:
+        yield running
+
+
+async def test_tokens_are_enforced_for_registration_and_discovery(acl_agent, health_port, caplog):
+    instance = Instance("m-p-1", "127.0.0.1", health_port, "m", "p", "1", TEXT_SERVICE)
+    for token, refusal in ((None, "Permission denied"), ("wrong", "ACL not found"),
+                           (DISCOVERY_TOKEN, "lacks permission 'service:write'")):
+        with pytest.raises(RegistrationError, match=refusal):
+            await asyncio.to_thread(ConsulRegistrar(acl_agent.address, token=token).register, instance)
+    await asyncio.to_thread(ConsulRegistrar(acl_agent.address, token=SERVER_TOKEN).register, instance)
+
+    reader = Watcher(ConsulDiscovery(acl_agent.address, wait_s=5, token=DISCOVERY_TOKEN))
+    anonymous = Watcher(ConsulDiscovery(acl_agent.address, wait_s=5))
+    try:
+        await reader.until(lambda found: found == [instance], timeout=15)
+        await anonymous.until(lambda found: found == [], timeout=15)  # filtered out, as Consul does
+        assert instance not in anonymous.latest
+        # A read token cannot deregister (a warning); the server's own token can.
+        await asyncio.to_thread(ConsulRegistrar(acl_agent.address, token=DISCOVERY_TOKEN).deregister, instance)
+        assert "could not deregister m-p-1" in caplog.text and registrations(acl_agent, SERVER_TOKEN)
+        await asyncio.to_thread(ConsulRegistrar(acl_agent.address, token=SERVER_TOKEN).deregister, instance)
+        await reader.until(lambda found: found == [], timeout=15, after=1)
+    finally:
+        await reader.stop()
+        await anonymous.stop()
+
+
+def test_tokens_come_from_the_environment_or_a_file(tmp_path, monkeypatch, acl_agent):
+    (tmp_path / "token").write_text(SERVER_TOKEN + "\n")
+    monkeypatch.setenv("AIMESH_CONSUL_TOKEN_FILE", str(tmp_path / "token"))
+    assert ConsulRegistrar(acl_agent.address).client.token == SERVER_TOKEN
+    monkeypatch.setenv("AIMESH_CONSUL_TOKEN", DISCOVERY_TOKEN)  # the variable wins over the file
+    assert ConsulDiscovery(acl_agent.address).token == DISCOVERY_TOKEN
+    with httpx.Client(timeout=10) as http:
+        refused = http.put(f"http://{acl_agent.address}/v1/agent/service/register",
+                           json={"Name": SERVICE_NAME}, headers={"X-Consul-Token": DISCOVERY_TOKEN})
+        assert refused.status_code == 403 and refused.text.startswith("Permission denied")
+
+
+async def test_discovery_ignores_registrations_not_made_with_the_mesh_secret(agent, health_port, caplog):
+    signed = Instance("m-p-1", "127.0.0.1", health_port, "m", "p", "1", TEXT_SERVICE)
+    await asyncio.to_thread(ConsulRegistrar(agent.address, secret=MESH_SECRET).register, signed)
+    # Foreign registrations, all passing their health checks: unsigned, signed with another
+    # secret, and the mesh's signature copied onto a registration for another model.
+    base = f"http://{agent.address}/v1/agent/service/register"
+    check = {"GRPC": f"127.0.0.1:{health_port}/{TEXT_SERVICE}", "Interval": "1s"}
+    forged = Instance("evil-p-1", "127.0.0.1", health_port, "evil", "p", "1", TEXT_SERVICE)
+    copied = signature(MESH_SECRET, signed.id, signed.address, signed.port, signed.tags)
+    with httpx.Client(timeout=10) as http:
+        for service_id, meta in (("unsigned", {}),
+                                 ("other-secret", {SIGNATURE_META: signature("other", "other-secret",
+                                                                             "127.0.0.1", health_port,
+                                                                             forged.tags)}),
+                                 (forged.id, {SIGNATURE_META: copied})):
+            http.put(base, json={"Name": SERVICE_NAME, "ID": service_id, "Address": "127.0.0.1",
+                                 "Port": health_port, "Tags": forged.tags, "Meta": meta,
+                                 "Check": check}).raise_for_status()
+
+    everyone = Watcher(ConsulDiscovery(agent.address, wait_s=5))
+    mesh_only = Watcher(ConsulDiscovery(agent.address, wait_s=5, secret=MESH_SECRET))
+    try:
+        await everyone.until(lambda found: len(found) == 4, timeout=15)  # without a secret: all of them
+        await mesh_only.until(lambda found: found == [signed], timeout=15)
+        assert "ignoring unsigned: not registered with the mesh's credentials" in caplog.text
+        assert f"ignoring {forged.id}" in caplog.text
+    finally:
+        await everyone.stop()
+        await mesh_only.stop()

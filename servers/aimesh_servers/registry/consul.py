@@ -10,17 +10,32 @@ ConsulDiscovery long-polls /v1/health/service/aimesh-model-server?passing (block
 queries) and yields the passing instances on every change. While Consul is
 unreachable it keeps the last list (Envoy keeps routing to it) and retries with
 backoff. The same code talks to real Consul and to the tests' stand-in.
+
+Credentials. Both send a Consul ACL token (`X-Consul-Token`) from AIMESH_CONSUL_TOKEN or
+the file named by AIMESH_CONSUL_TOKEN_FILE: servers one whose policy may write
+`aimesh-model-server`, discovery one that may only read it. With a mesh secret
+(AIMESH_MESH_SECRET or AIMESH_MESH_SECRET_FILE) the registrar signs each registration,
+an HMAC-SHA256 of its id, address, port and tags in the service Meta, and discovery
+ignores any registration whose signature does not check: ACLs keep out callers without
+a write token, the signature keeps out a registration made with any other token (a
+leaked or too broad one, another team's service of the same name), which Consul's
+health API gives discovery no way to tell apart (it does not say which token
+registered a service).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
 import logging
+import os
 import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,8 +53,34 @@ CHECK_TIMEOUT = "1s"
 DEREGISTER_CRITICAL_AFTER = "10m"
 
 
+SIGNATURE_META = "aimesh-signature"
+
+
 class RegistrationError(RuntimeError):
     pass
+
+
+def _secret_from_env(name: str) -> str | None:
+    """`NAME`, or the contents of the file named by `NAME_FILE` (Docker secrets); None if neither."""
+    if value := os.environ.get(name):
+        return value
+    if path := os.environ.get(f"{name}_FILE"):
+        return Path(path).read_text(encoding="utf-8").strip() or None
+    return None
+
+
+def consul_token() -> str | None:
+    return _secret_from_env("AIMESH_CONSUL_TOKEN")
+
+
+def mesh_secret() -> str | None:
+    return _secret_from_env("AIMESH_MESH_SECRET")
+
+
+def signature(secret: str, service_id: str, address: str, port: int, tags: list[str]) -> str:
+    """What proves a registration was made by a holder of the mesh secret."""
+    message = "\n".join([service_id, address, str(port), *sorted(tags)]).encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 def parse_http_addr(addr: str) -> tuple[str, int, str]:
@@ -56,22 +97,29 @@ def parse_http_addr(addr: str) -> tuple[str, int, str]:
 
 
 class ConsulRegistrar:
-    """Registers instances with the Consul agent at `http_addr` (agent HTTP API)."""
+    """Registers instances with the Consul agent at `http_addr` (agent HTTP API). Blocking
+    HTTP: callers on an event loop run it in a thread. Token and secret default to the
+    environment's (see the module doc)."""
 
-    def __init__(self, http_addr: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, http_addr: str, timeout_s: float = 5.0, token: str | None = None,
+                 secret: str | None = None) -> None:
         host, port, scheme = parse_http_addr(http_addr)
         self.http_addr = http_addr
-        self.client = consul.Consul(host=host, port=port, scheme=scheme, connections_timeout=timeout_s)
+        self.secret = secret or mesh_secret()
+        self.client = consul.Consul(host=host, port=port, scheme=scheme, connections_timeout=timeout_s,
+                                    token=token or consul_token())
 
     def register(self, instance: Instance) -> None:
         check = consul.Check.grpc(
             f"{instance.address}:{instance.port}/{instance.grpc_service}",
             interval=CHECK_INTERVAL, timeout=CHECK_TIMEOUT, deregister=DEREGISTER_CRITICAL_AFTER,
         )
+        meta = ({SIGNATURE_META: signature(self.secret, instance.id, instance.address, instance.port,
+                                           instance.tags)} if self.secret else None)
         try:
             self.client.agent.service.register(
                 SERVICE_NAME, service_id=instance.id, address=instance.address, port=instance.port,
-                tags=instance.tags, check=check,
+                tags=instance.tags, check=check, meta=meta,
             )
         except (consul.ConsulException, requests.RequestException) as exc:
             raise RegistrationError(
@@ -99,10 +147,17 @@ def _resolve(address: str) -> str:
     return str((ipv4 or infos)[0][4][0])
 
 
-def _instances(entries: list[dict[str, Any]]) -> list[Instance]:
+def _instances(entries: list[dict[str, Any]], secret: str | None) -> list[Instance]:
     found = []
     for entry in entries:
         service = entry["Service"]
+        if secret is not None:
+            expected = signature(secret, service["ID"], service.get("Address") or "", service["Port"],
+                                 service.get("Tags") or [])
+            if not hmac.compare_digest((service.get("Meta") or {}).get(SIGNATURE_META, ""), expected):
+                log.warning("ignoring %s: not registered with the mesh's credentials (no valid %s)",
+                            service["ID"], SIGNATURE_META)
+                continue
         # An empty service address means "the node's address" in Consul.
         address = service.get("Address") or entry["Node"]["Address"]
         try:
@@ -122,16 +177,21 @@ class ConsulDiscovery:
     """Passing instances of `aimesh-model-server`, from blocking queries on the health API."""
 
     def __init__(self, http_addr: str, wait_s: float = 30.0, min_query_gap_s: float = 0.1,
-                 max_backoff_s: float = 10.0) -> None:
+                 max_backoff_s: float = 10.0, token: str | None = None, secret: str | None = None) -> None:
         self.host, self.port, self.scheme = parse_http_addr(http_addr)
         self.http_addr = http_addr
+        self.token = token or consul_token()
+        self.secret = secret or mesh_secret()
+        if self.secret is None:
+            log.warning("no mesh secret (AIMESH_MESH_SECRET): every passing %s registration is "
+                        "trusted, whoever made it", SERVICE_NAME)
         self.wait_s = wait_s
         self.min_query_gap_s = min_query_gap_s  # rate limit: a churning index must not busy-loop
         self.max_backoff_s = max_backoff_s
 
     async def watch(self) -> AsyncIterator[list[Instance]]:
         client = consul.aio.Consul(host=self.host, port=self.port, scheme=self.scheme,
-                                   verify=self.scheme == "https")
+                                   verify=self.scheme == "https", token=self.token)
         index = 0
         last: list[Instance] | None = None
         backoff = 0.0
@@ -159,7 +219,7 @@ class ConsulDiscovery:
                 # Consul's blocking-query rules: reset an index that goes backwards, never block on 0.
                 new_index = int(new_index)
                 index = max(1, new_index if new_index >= index else 0)
-                current = await asyncio.to_thread(_instances, entries or [])
+                current = await asyncio.to_thread(_instances, entries or [], self.secret)
                 if current != last:
                     last = current
                     yield current
