@@ -6,7 +6,8 @@ never behind the tenant front door. It serves
   polls `/api/status` every second and draws each model, its pools in fallback order,
   each endpoint's health and Envoy's view, and inline SVG charts;
 - `/api/status`: the same view as `aimesh status --json` (status.collect, sampled once a
-  second by one thread, whoever is looking), plus `history`: per model, the last
+  second by one thread, however many pages look, and only while one looked in the last
+  IDLE_AFTER_S: an unwatched mesh pays nothing), plus `history`: per model, the last
   HISTORY_POINTS samples of calls/s, p95, error rate and fallback rate.
 An endpoint that was seen and then left (its server was killed: discovery and Envoy
 drop it) stays on the page as `down`, with `gone_s`, for the length of the history.
@@ -15,6 +16,7 @@ drop it) stays on the page as `down`, with `gone_s`, for the length of the histo
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -29,6 +31,7 @@ from .status import collect
 
 SAMPLE_INTERVAL_S = 1.0
 HISTORY_POINTS = 300  # 5 minutes at one sample a second
+IDLE_AFTER_S = 300.0
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/style.css": ("style.css", "text/css; charset=utf-8")}
@@ -49,11 +52,14 @@ class StatusSampler:
         self.interval_s = interval_s
         self.points = points
         self._lock = threading.Lock()
+        self._sampling = threading.Lock()
         self._view: dict[str, Any] = {"time": None, "models": [], "history": {}, "error": "not sampled yet"}
         self._history: dict[str, deque[dict[str, Any]]] = {}
         # (model, pool, address) -> when it was last seen; for endpoints that left.
         self._seen: dict[tuple[str, str, str], float] = {}
         self._stop = threading.Event()
+        self._watched = threading.Event()
+        self._last_viewed = -math.inf
         self._thread = threading.Thread(target=self._run, name="aimesh-ops-sampler", daemon=True)
 
     def start(self) -> None:
@@ -61,18 +67,33 @@ class StatusSampler:
 
     def close(self) -> None:
         self._stop.set()
+        self._watched.set()
         self._thread.join(5)
 
     def view(self) -> dict[str, Any]:
+        idle = time.monotonic() - self._last_viewed > IDLE_AFTER_S
+        self._last_viewed = time.monotonic()
+        if idle:  # the first look in a while: answer with a fresh sample, and keep sampling
+            self.sample()
+            self._watched.set()
         with self._lock:
             return self._view
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._watched.wait()
+            if time.monotonic() - self._last_viewed > IDLE_AFTER_S:
+                self._watched.clear()
+                continue
+            if self._stop.wait(self.interval_s):
+                return
             self.sample()
-            self._stop.wait(self.interval_s)
 
     def sample(self) -> None:
+        with self._sampling:  # the thread, or a page's first look after a while
+            self._sample()
+
+    def _sample(self) -> None:
         now = time.time()
         try:
             models = [asdict(m) for m in collect(self.front, self.admin_url, self.state_dir)]
