@@ -20,11 +20,15 @@ COMPOSE = ROOT / "compose.yml"
 REGISTRY = ROOT / "deploy" / "registry.yaml"
 
 
-def docker_compose_config(path: Path) -> subprocess.CompletedProcess[str]:
+ENV_EXAMPLE = ROOT / ".env.example"
+
+
+def docker_compose_config(path: Path, env_file: Path | None = ENV_EXAMPLE) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose is missing: scripts/setup.sh installs it (apt)"
-    return subprocess.run([binary, "-f", str(path), "config"], capture_output=True, text=True, check=False,
-                          timeout=60, cwd=path.parent)
+    env = ["--env-file", str(env_file)] if env_file else []
+    return subprocess.run([binary, "-f", str(path), *env, "config"], capture_output=True, text=True,
+                          check=False, timeout=60, cwd=path.parent)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +67,11 @@ def test_every_registered_model_has_a_server_that_registers_with_consul(compose)
             assert server["environment"] == {
                 "AIMESH_CONSUL_HTTP_ADDR": "consul:8500", "AIMESH_HOST": "0.0.0.0",
                 "AIMESH_PORT": "50051", "AIMESH_POOL": pool.id, "AIMESH_ADVERTISE_HOST": name,
-                "AIMESH_METRICS_PORT": "9100"}
-            assert server["depends_on"]["consul"]["condition"] == "service_healthy"
+                "AIMESH_METRICS_PORT": "9100",
+                "AIMESH_CONSUL_TOKEN": _from_env_file("AIMESH_CONSUL_SERVER_TOKEN"),
+                "AIMESH_MESH_SECRET": _from_env_file("AIMESH_MESH_SECRET")}
+            # Registers once the ACL set-up made its token.
+            assert server["depends_on"]["consul-acl"]["condition"] == "service_completed_successfully"
             assert "model-cache:/cache" in server["volumes"] and server["healthcheck"]["test"]
 
 
@@ -81,6 +88,63 @@ def test_mesh_discovers_through_consul_and_stateful_services_are_checked(compose
         assert any(":/" in v and not v.startswith(".") for v in services[name]["volumes"]), name
         assert {"condition": "service_healthy"} == mesh["depends_on"][name]
     assert "./consul/agent.hcl:/consul/config/agent.hcl:ro" in services["consul"]["volumes"]
+    assert mesh["depends_on"]["consul-acl"] == {"condition": "service_completed_successfully"}
+    assert mesh["environment"]["AIMESH_CONSUL_TOKEN"] == _from_env_file("AIMESH_CONSUL_DISCOVERY_TOKEN")
+
+
+def _from_env_file(name: str) -> str:
+    """How compose.yml takes a secret: from the env file, refusing to start without it."""
+    return f"${{{name}:?set it in .env (see .env.example)}}"
+
+
+def _env_example() -> dict[str, str]:
+    lines = [line for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+SECRET_WORDS = ("TOKEN", "PASSWORD", "SECRET", "initial_management")
+
+
+def test_no_secret_is_written_in_compose_and_each_comes_from_the_env_file(compose):
+    text = COMPOSE.read_text()
+    referenced = set(re.findall(r"\$\{(\w+):\?", text))
+    assert referenced == set(_env_example()), "every secret compose reads is in .env.example, and only those"
+    assert all(value.startswith("replace-") for value in _env_example().values())  # placeholders only
+    for name, service in compose["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if any(word.lower() in f"{key} {value}".lower() for word in SECRET_WORDS):
+                assert "${" in str(value), f"{name}: {key} is written in compose.yml"
+    assert "aimesh:aimesh@" not in text and "password: aimesh" not in (
+        GRAFANA / "provisioning" / "datasources" / "aimesh.yml").read_text()
+    assert re.search(r"^\.env$", (ROOT / ".gitignore").read_text(), re.MULTILINE)
+    # Without the env file compose refuses to start rather than run with empty secrets.
+    missing = docker_compose_config(COMPOSE, env_file=None)
+    assert missing.returncode != 0 and "set it in .env" in missing.stderr
+    rendered = yaml.safe_load(docker_compose_config(COMPOSE).stdout)
+    assert rendered["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "replace-me"
+
+
+def test_consul_denies_by_default_and_is_reachable_from_this_host_only(compose):
+    consul = compose["services"]["consul"]
+    assert consul["ports"] == ["127.0.0.1:8500:8500"]
+    agent = (ROOT / "consul" / "agent.hcl").read_text()
+    acl = re.search(r"^acl \{(.*?)^\}", agent, re.MULTILINE | re.DOTALL).group(1)
+    assert re.search(r'default_policy\s*=\s*"deny"', acl) and re.search(r"enabled\s*=\s*true", acl)
+    assert re.search(r"enable_token_persistence\s*=\s*true", acl)
+    assert "initial_management" in consul["environment"]["CONSUL_LOCAL_CONFIG"]
+    init = compose["services"]["consul-acl"]
+    assert "./consul/acl-init.sh:/acl-init.sh:ro" in init["volumes"]
+    assert init["depends_on"]["consul"]["condition"] == "service_healthy"
+    policies = {p.stem: p.read_text() for p in (ROOT / "consul" / "policies").glob("*.hcl")}
+    assert re.search(r'service "aimesh-model-server" \{\s*policy = "write"', policies["model-server"])
+    assert re.search(r'service "aimesh-model-server" \{\s*policy = "read"', policies["discovery"])
+    assert "write" not in policies["discovery"]
+    script = (ROOT / "consul" / "acl-init.sh").read_text()
+    for variable in ("AIMESH_CONSUL_SERVER_TOKEN", "AIMESH_CONSUL_DISCOVERY_TOKEN", "CONSUL_AGENT_TOKEN"):
+        assert f'"${variable}"' in script and variable in init["environment"]
+    checked = subprocess.run(["sh", "-n", str(ROOT / "consul" / "acl-init.sh")], capture_output=True,
+                             text=True, check=False, timeout=30)
+    assert checked.returncode == 0, checked.stderr
 
 
 def _setup_sh_list(name: str) -> list[str]:
