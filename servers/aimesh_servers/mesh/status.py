@@ -23,6 +23,7 @@ routes to, else 503 with a JSON body naming the models without one. Envoy forwar
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -266,18 +267,43 @@ class ModelFigures:
     pools: dict[str, CallFigures]
 
 
-def figures(calls: list[dict[str, Any]], first_pool: str, window_s: float) -> CallFigures:
-    """A call fell back when a pool other than the chain's first served it, or a retry did."""
-    if not calls:
-        return CallFigures()
-    durations = sorted(float(c.get("duration_ms") or 0) for c in calls)
-    served = [c for c in calls if served_pool(c)]
-    fell_back = sum(served_pool(c) != first_pool or int(c.get("attempts") or 1) > 1 for c in served)
-    return CallFigures(
-        calls=len(calls), calls_per_s=round(len(calls) / window_s, 4),
-        p50_ms=percentile(durations, 0.5), p95_ms=percentile(durations, 0.95),
-        error_rate=round(sum(edge_status(c) != "OK" for c in calls) / len(calls), 4),
-        fallback_rate=round(fell_back / len(served), 4) if served else 0.0)
+class _Series:
+    """The calls of one model or pool in the window, kept for exact figures at any moment:
+    counters and a sorted list of durations updated as calls come and leave."""
+
+    def __init__(self) -> None:
+        self.calls: deque[tuple[float, float, bool, bool, bool]] = deque()  # start, ms, error, served, fell back
+        self.durations: list[float] = []  # sorted
+        self.errors = self.served = self.fell_back = 0
+
+    def add(self, call: tuple[float, float, bool, bool, bool]) -> None:
+        self.calls.append(call)
+        bisect.insort(self.durations, call[1])
+        self._count(call, 1)
+
+    def drop_before(self, oldest: float) -> None:
+        # Lines come in order of their call's end, so one that started earlier may sit
+        # behind a newer one: it leaves when the calls before it have left.
+        while self.calls and self.calls[0][0] < oldest:
+            call = self.calls.popleft()
+            del self.durations[bisect.bisect_left(self.durations, call[1])]
+            self._count(call, -1)
+
+    def _count(self, call: tuple[float, float, bool, bool, bool], sign: int) -> None:
+        _, _, error, served, fell_back = call
+        self.errors += sign * error
+        self.served += sign * served
+        self.fell_back += sign * fell_back
+
+    def figures(self, window_s: float) -> CallFigures:
+        calls = len(self.calls)
+        if not calls:
+            return CallFigures()
+        return CallFigures(
+            calls=calls, calls_per_s=round(calls / window_s, 4),
+            p50_ms=percentile(self.durations, 0.5), p95_ms=percentile(self.durations, 0.95),
+            error_rate=round(self.errors / calls, 4),
+            fallback_rate=round(self.fell_back / self.served, 4) if self.served else 0.0)
 
 
 # (model id, pool id) -> US dollars spent over the last `window_s` seconds.
@@ -299,9 +325,10 @@ def recorded_costs(engine: Engine) -> CostSource:
 
 class LiveFigures:
     """Per model and pool figures over the last `window_s` seconds of Envoy's access log,
-    for the registry API. Reads only what Envoy appended since the last look (it keeps
-    the window's calls in memory) and answers from a cache for `cache_s`, so a
-    ListModels costs a dictionary lookup. Thread-safe."""
+    for the registry API. Reads only what Envoy appended since the last look, keeps each
+    model's and pool's calls in the window with running counts and sorted durations (a
+    look costs nothing per call), and answers from a cache for `cache_s`. Thread-safe.
+    A call fell back when a pool other than the chain's first served it, or a retry did."""
 
     def __init__(self, registry: Registry, access_log: Path, window_s: float = 300.0,
                  cost: CostSource | None = None, cache_s: float = 1.0) -> None:
@@ -310,7 +337,8 @@ class LiveFigures:
         self.window_s = window_s
         self.cost = cost
         self.cache_s = cache_s
-        self._calls: deque[tuple[float, dict[str, Any]]] = deque()
+        self._first_pool = {m.cluster: m.pools[0].id if m.pools else "" for m in registry.models}
+        self._series: dict[tuple[str, str], _Series] = {}  # (cluster, pool or "" for all)
         self._offset = 0
         self._inode: int | None = None
         self._partial = b""
@@ -325,7 +353,7 @@ class LiveFigures:
                 self._cached_at = time.monotonic()
             return self._cached
 
-    def _read_new_lines(self) -> None:
+    def _read_new_lines(self, oldest: float) -> None:
         try:
             with open(self.access_log, "rb") as log:
                 stat = os.fstat(log.fileno())
@@ -341,30 +369,36 @@ class LiveFigures:
         for line in lines:
             try:
                 call = json.loads(line)
-                self._calls.append((float(call["start_ms"]) / 1000, call))
+                started = float(call["start_ms"]) / 1000
             except (ValueError, KeyError, TypeError):
                 continue  # the cut first line of a tail
+            cluster = call.get("cluster") or ""
+            if started < oldest or cluster not in self._first_pool:
+                continue
+            pool = served_pool(call)
+            fell_back = bool(pool) and (pool != self._first_pool[cluster] or int(call.get("attempts") or 1) > 1)
+            record = (started, float(call.get("duration_ms") or 0), edge_status(call) != "OK", bool(pool), fell_back)
+            self._series.setdefault((cluster, ""), _Series()).add(record)
+            if pool:
+                self._series.setdefault((cluster, pool), _Series()).add(record)
+
+    def _figures(self, cluster: str, pool: str) -> CallFigures:
+        series = self._series.get((cluster, pool))
+        return series.figures(self.window_s) if series else CallFigures()
 
     def _compute(self, now: float) -> dict[str, ModelFigures]:
-        self._read_new_lines()
-        # Lines come in order of their call's end: a long call started earlier can follow,
-        # so drop from the left only while the oldest is out, and filter the rest too.
-        while self._calls and now - self._calls[0][0] > self.window_s:
-            self._calls.popleft()
-        by_cluster: dict[str, list[dict[str, Any]]] = {}
-        for started, call in self._calls:
-            if now - started <= self.window_s:
-                by_cluster.setdefault(call.get("cluster") or "", []).append(call)
+        oldest = now - self.window_s
+        self._read_new_lines(oldest)
+        for series in self._series.values():
+            series.drop_before(oldest)
         costs = self.cost(self.window_s) if self.cost else {}
         out = {}
         for model in self.registry.models:
-            calls = by_cluster.get(model.cluster, [])
-            first = model.pools[0].id if model.pools else ""
             pools = {}
             for pool in model.pools:
-                pools[pool.id] = figures([c for c in calls if served_pool(c) == pool.id], first, self.window_s)
+                pools[pool.id] = self._figures(model.cluster, pool.id)
                 pools[pool.id].cost_usd = round(costs.get((model.id, pool.id), 0.0), 9)
-            total = figures(calls, first, self.window_s)
+            total = self._figures(model.cluster, "")
             total.cost_usd = round(sum(v for (m, _), v in costs.items() if m == model.id), 9)
             out[model.id] = ModelFigures(total, pools)
         return out
