@@ -258,5 +258,6 @@ def test_rotation_and_ca_rollover_under_load_lose_no_call(tls_mesh):
         stop.set()
         thread.join(120)
     failed = [r for r in results if r != "ok"]
+    print(f"\nrotation + CA rollover under a caller loop: {len(failed)} of {len(results)} calls failed")
     assert not failed, f"{len(failed)} of {len(results)} calls failed: {failed[:5]}"
     assert len(results) >= 18
