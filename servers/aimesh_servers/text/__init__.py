@@ -1,4 +1,5 @@
-"""Text generation: TextEngine (transformers) and its TextGenerationService servicer."""
+"""Text generation: TextEngine (transformers) or CT2TextEngine (CTranslate2), and the
+TextGenerationService servicer."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ DEFAULT_MODEL = ServedModel(id="smollm2-135m", source="builtin:smollm2-135m-inst
 
 
 def build(model: ServedModel, settings: ServerSettings):
-    from .engine import TextEngine
     from .servicer import TextGenerationServicer
     from .settings import TextSettings
 
-    engine = TextEngine(model.source, threads=settings.torch_threads, settings=TextSettings())
+    text_settings = TextSettings()
+    if text_settings.engine == "ctranslate2":
+        from .ct2_engine import CT2TextEngine as engine_class
+    else:
+        from .engine import TextEngine as engine_class
+    engine = engine_class(model.source, threads=settings.torch_threads, settings=text_settings)
     return TextGenerationServicer(model, engine, settings.pool)

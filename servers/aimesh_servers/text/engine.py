@@ -28,7 +28,7 @@ from .request import (
     longest_stop_prefix,
     validate_request,
 )
-from .scheduler import BatchScheduler, Finished, Sampling, Sequence
+from .scheduler import BatchScheduler, Emit, Finished, Sampling, Sequence
 from .settings import TextSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -134,14 +134,19 @@ class TextEngine:
             )
         return list(ids)
 
-    def _start(self, request: GenerationRequest, cancel: threading.Event,
-               emit: object) -> TextAssembler:
-        self.validate(request)
-        prompt = self._prompt_ids(request)
+    def _submit(self, prompt: list[int], request: GenerationRequest, cancel: threading.Event,
+                emit: Emit) -> None:
+        """Hands a call to the batcher: its tokens, then one Finished, come through `emit`."""
         self.scheduler.submit(Sequence(
             prompt, request.max_tokens,
             Sampling(request.temperature, request.top_p, request.seed), cancel, emit,
         ))
+
+    def _start(self, request: GenerationRequest, cancel: threading.Event,
+               emit: Emit) -> TextAssembler:
+        self.validate(request)
+        prompt = self._prompt_ids(request)
+        self._submit(prompt, request, cancel, emit)
         return TextAssembler(self.tokenizer, request.stop, len(prompt))
 
     @staticmethod

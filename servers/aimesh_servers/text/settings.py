@@ -20,3 +20,14 @@ class TextSettings(BaseSettings):
     prefill_chunk: int = Field(
         256, ge=16, description="prompt tokens per prefill pass, run between decode steps"
     )
+    engine: Literal["transformers", "ctranslate2"] = Field(
+        "transformers",
+        description="transformers: continuous batching (dtype); ctranslate2: int8 micro-batches "
+        "(README, Text serving: which and why)",
+    )
+    join_window_ms: float = Field(
+        5.0, ge=0, description="ctranslate2: calls arriving this long after a batch's first join it"
+    )
+    batches_in_flight: int = Field(
+        1, ge=1, description="ctranslate2: micro-batches generating at once (its inter_threads)"
+    )
