@@ -302,3 +302,28 @@ async def test_discovery_ignores_registrations_not_made_with_the_mesh_secret(age
     finally:
         await everyone.stop()
         await mesh_only.stop()
+
+
+async def test_a_server_registers_with_its_token_and_signature_from_the_environment(acl_agent, tmp_path):
+    """A real `aimesh serve` process: its token from a file named in its environment (a
+    Docker secret), the mesh secret from a variable; registration and deregistration
+    through the ACLs, seen by discovery with the mesh's secret only."""
+    (tmp_path / "server.token").write_text(SERVER_TOKEN)
+    server = ServerProcess(["serve", "embedding"], env={
+        "AIMESH_CONSUL_HTTP_ADDR": acl_agent.address, "AIMESH_DRAIN_DELAY_S": "0",
+        "AIMESH_CONSUL_TOKEN_FILE": str(tmp_path / "server.token"), "AIMESH_MESH_SECRET": MESH_SECRET})
+    mesh = Watcher(ConsulDiscovery(acl_agent.address, wait_s=5, token=DISCOVERY_TOKEN, secret=MESH_SECRET))
+    other_mesh = Watcher(ConsulDiscovery(acl_agent.address, wait_s=5, token=DISCOVERY_TOKEN, secret="other"))
+    try:
+        port = await asyncio.to_thread(server.wait_listening)
+        await mesh.until(lambda found: [i.port for i in found] == [port], timeout=120)
+        await other_mesh.until(lambda found: found == [], timeout=15)
+        assert registrations(acl_agent, SERVER_TOKEN)[0]["Service"]["Meta"][SIGNATURE_META]
+        mark = len(mesh.seen)
+        server.terminate(signal.SIGTERM)  # deregisters with its own token
+        await mesh.until(lambda found: found == [], timeout=60, after=mark)
+        assert not registrations(acl_agent, SERVER_TOKEN)
+    finally:
+        server.stop()
+        await mesh.stop()
+        await other_mesh.stop()
