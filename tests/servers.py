@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -36,7 +37,8 @@ async def in_process_server(
 
 
 class ServerProcess:
-    """`aimesh serve ...` as a subprocess; parses the port it prints."""
+    """`aimesh serve ...` as a subprocess; parses the port it prints. A thread reads its
+    output into `lines`, so no wait here blocks past its timeout on a silent server."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None):
         self.args = list(args)
@@ -47,20 +49,27 @@ class ServerProcess:
             env={**os.environ, **(env or {})}, bufsize=1,
         )
         self.lines: list[str] = []
+        self._seen = 0  # lines wait_for has looked at: each wait starts after the last match
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         self.port = 0
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
 
     def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match[str]:
         deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
         while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited ({self.proc.returncode}):\n{''.join(self.lines)}")
-                continue
-            self.lines.append(line)
-            if match := re.search(pattern, line):
-                return match
+            exited = self.proc.poll() is not None and not self._reader.is_alive()
+            while self._seen < len(self.lines):
+                self._seen += 1
+                if match := re.search(pattern, self.lines[self._seen - 1]):
+                    return match
+            if exited:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{''.join(self.lines)}")
+            time.sleep(0.02)
         raise TimeoutError(f"no line matching {pattern!r} in {timeout}s:\n{''.join(self.lines)}")
 
     def wait_listening(self) -> int:
@@ -77,11 +86,11 @@ class ServerProcess:
     def stop(self, timeout: float = 30.0) -> int:
         self.terminate()
         try:
-            rest, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            rest, _ = self.proc.communicate()
-        self.lines.append(rest or "")
+            self.proc.wait(timeout)
+        self._reader.join(timeout)  # the rest of its output
         return self.proc.returncode
 
 

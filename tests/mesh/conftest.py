@@ -90,7 +90,7 @@ class Mesh:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return self.proc.wait()
+        return self.proc.wait(60)
 
 
 @pytest.fixture(scope="session")

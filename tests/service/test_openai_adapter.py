@@ -84,7 +84,7 @@ def transformers_serve(folder: str, log: Path, threads: int = 1) -> Iterator[str
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
