@@ -63,7 +63,8 @@ class ErrorSpec:
     failure); what a caller's input causes never does."""
     variants: tuple[int, ...] = ()
     """Other codes a raiser may pick for this reason when the facts call for it (a value
-    past a limit is OUT_OF_RANGE; a provider's refusal keeps the provider's meaning)."""
+    past a limit is OUT_OF_RANGE; a provider's refusal keeps the provider's meaning). The
+    retry advice is for `code`: under a variant, the request itself was refused."""
     http: int | None = None
     """An HTTP status more precise than the code's (413 for a body over the limit)."""
 

@@ -36,10 +36,12 @@ class AimeshError(Exception):
     @property
     def retryable(self) -> bool:
         """Whether the same call may succeed later, by the error table's advice for the
-        reason (after `retry_after_s` when given); without a known reason, only
-        UNAVAILABLE is."""
+        reason and its code (after `retry_after_s` when given); without a known reason,
+        only UNAVAILABLE is."""
         row = error_model.TABLE.get(self.reason)
-        return row.retryable if row else self.code == grpc.StatusCode.UNAVAILABLE
+        if row is None:
+            return self.code == grpc.StatusCode.UNAVAILABLE
+        return row.retryable and self.code.value[0] == row.code
 
 
 class InvalidArgumentError(AimeshError):
