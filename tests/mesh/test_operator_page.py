@@ -41,6 +41,7 @@ class PageView(HTMLParser):
         self.models: list[str] = []
         self.pools: list[tuple[str, str, str]] = []  # (model, pool, priority)
         self.endpoints: dict[str, str] = {}  # address -> state
+        self.text = dom
         self.feed(dom)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -86,11 +87,13 @@ def test_the_page_shows_pools_and_marks_a_killed_server_down(mesh: Mesh, tmp_pat
     def look() -> PageView:
         return PageView(chromium(tmp_path / "profile", "--dump-dom", url))
 
+    def ready(view: PageView) -> bool:  # both endpoints up, the registry's figures of the 5 calls shown
+        return (len(view.endpoints) == 2 and all(state == "up" for state in view.endpoints.values())
+                and "last 300s: 5 calls" in view.text)
+
     deadline = time.monotonic() + 90
-    view = look()
-    while not all(state == "up" for state in view.endpoints.values()) or len(view.endpoints) != 2:
-        assert time.monotonic() < deadline, f"the page never showed both endpoints up: {view.endpoints}"
-        view = look()
+    while not ready(view := look()):
+        assert time.monotonic() < deadline, f"the page never showed both endpoints up and 5 calls: {view.text}"
     assert view.models == ["emb"]
     assert view.pools == [("emb", "primary", "0"), ("emb", "secondary", "1")]
 

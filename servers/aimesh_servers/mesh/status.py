@@ -171,6 +171,9 @@ class PoolStatus:
     id: str
     priority: int
     endpoints: list[EndpointStatus] = field(default_factory=list)
+    # The registry's live figures of the calls this pool served (its window, e.g. 5
+    # minutes: calls, latency_p50/p95, error_rate, fallback_rate, cost_usd), as its JSON.
+    live: dict[str, Any] | None = None
 
 
 @dataclass
@@ -427,7 +430,7 @@ def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:
         hosts = clusters.get(f"model_{model['id']}", [])
         pools = []
         for pool in sorted(model.get("pools", []), key=lambda p: p.get("priority", 0)):
-            status = PoolStatus(pool["id"], int(pool.get("priority", 0)))
+            status = PoolStatus(pool["id"], int(pool.get("priority", 0)), live=pool.get("live"))
             in_envoy = {h.address: h.state for h in hosts if h.pool == pool["id"]}
             addresses = list(dict.fromkeys([*pool.get("endpoints", []), *in_envoy]))
             for address in addresses:

@@ -42,11 +42,21 @@ function endpoint(e) {
     el("span", { class: "muted" }, `envoy: ${e.envoy}${gone}`));
 }
 
+// The registry's live figures of the calls a pool served, over its window (e.g. 300s).
+function poolFigures(live) {
+  if (!live) return "";
+  const ms = (duration) => duration ? `${(parseFloat(duration) * 1000).toFixed(0)} ms` : "-";
+  return el("div", { class: "muted pool-live" },
+    `last ${live.window}: ${live.calls} calls, p50 ${ms(live.latency_p50)}, p95 ${ms(live.latency_p95)}, ` +
+    `errors ${((live.error_rate || 0) * 100).toFixed(1)}%, $${(live.cost_usd || 0).toPrecision(3)}`);
+}
+
 function model(m, history) {
   const p95 = m.p95_ms === null ? "-" : `${m.p95_ms.toFixed(0)} ms`;
   const figure = (label, value) => el("span", { class: "figure" }, `${label} `, el("b", {}, value));
   const pools = m.pools.map((pool) => el("div", { class: "pool", "data-pool": pool.id, "data-priority": pool.priority },
     el("div", {}, el("b", {}, pool.id), el("span", { class: "muted" }, ` fallback ${pool.priority}`)),
+    poolFigures(pool.live),
     el("ul", {}, ...(pool.endpoints.length ? pool.endpoints.map(endpoint)
       : [el("li", { class: "muted" }, "(no endpoint)")]))));
   return el("section", { class: "model", "data-model": m.id },
