@@ -38,6 +38,7 @@ class ReceivedSpan:
     status_code: int  # opentelemetry.proto.trace.v1.Status.StatusCode: 0 unset, 1 ok, 2 error
     start_ns: int
     end_ns: int
+    resource: dict[str, Any] = field(hash=False)  # who sent it: service.name, aimesh.pool...
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -64,7 +65,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         span_id=span.span_id.hex(), parent_id=span.parent_span_id.hex(), name=span.name,
                         kind=span.kind, attributes={a.key: _value(a.value) for a in span.attributes},
                         status_code=span.status.code, start_ns=span.start_time_unix_nano,
-                        end_ns=span.end_time_unix_nano))
+                        end_ns=span.end_time_unix_nano, resource=resource))
         with self._lock:
             self._spans.extend(received)
         return trace_service_pb2.ExportTraceServiceResponse()
@@ -117,3 +118,18 @@ def caller_tracing(endpoint: str) -> Iterator[BatchSpanProcessor]:
         yield processor
     finally:
         processor.shutdown()
+
+
+if __name__ == "__main__":  # a receiver process of its own (the benchmarks' collector)
+    import signal
+    import sys
+
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before gRPC's threads start
+    standalone = OtlpReceiver()
+    standalone.server.start()
+    print(f"otlp receiver on {standalone.endpoint}", flush=True)
+    signal.sigwait(stop_signals)
+    print(f"received {len(standalone.spans)} spans", flush=True)
+    standalone.server.stop(1)
+    sys.exit(0)

@@ -30,7 +30,7 @@ def test_stages_outside_a_traced_call_are_shared_no_ops():
         stage.set(anything=1)
 
 
-async def test_a_call_continues_the_callers_trace_with_admission_model_work_and_result(receiver: OtlpReceiver):
+async def test_a_call_continues_the_callers_trace_with_its_model_work(receiver: OtlpReceiver):
     servicer = embedding.build(embedding.DEFAULT_MODEL, embedding.ServerSettings())
     with caller_tracing(receiver.endpoint) as processor:
         async with in_process_server([servicer], otlp_endpoint=receiver.endpoint) as (server, _):
@@ -39,7 +39,7 @@ async def test_a_call_continues_the_callers_trace_with_admission_model_work_and_
                     await client.embedding.embed(MODEL, ["A man is eating food."])
                 trace_id = format(caller.get_span_context().trace_id, "032x")
         processor.force_flush()  # the server flushed its spans when it drained
-    spans = receiver.wait_for(lambda got: len(got) >= 6, "caller, client, server and 3 child spans",
+    spans = receiver.wait_for(lambda got: len(got) >= 4, "caller, client, server and model work spans",
                               trace_id=trace_id)
     by_name = {s.name: s for s in spans}
     client_span = by_name["aimesh.embedding.v1.EmbeddingService/Embed"]
@@ -50,12 +50,13 @@ async def test_a_call_continues_the_callers_trace_with_admission_model_work_and_
     assert server_span.attributes["rpc.method"] == "Embed"
     assert server_span.attributes["rpc.grpc.status_code"] == 0
     assert server_span.attributes["aimesh.model"] == MODEL
-    assert server_span.attributes["aimesh.pool"] == "local"
-    assert server_span.attributes["aimesh.replica"] == f"127.0.0.1:{server.port}"
+    # What is the same for every call of a server is on its resource, sent once per batch.
+    assert server_span.resource["aimesh.pool"] == "local"
+    assert server_span.resource["aimesh.replica"] == f"127.0.0.1:{server.port}"
     assert server_span.attributes["aimesh.units.unit"] == "tokens"
     assert server_span.attributes["aimesh.units.input"] > 0
     assert server_span.attributes["aimesh.finish_reason"] == "complete"
-    for child in ("aimesh.admission", "embedding.batch", "aimesh.result"):
-        assert by_name[child].parent_id == server_span.span_id, child
+    # Admitted at once, one answer message: the model work is the only child span.
+    assert [s.name for s in spans if s.parent_id == server_span.span_id] == ["embedding.batch"]
     assert by_name["embedding.batch"].attributes["aimesh.texts"] == 1
     assert client_span.attributes["rpc.grpc.status_code"] == 0

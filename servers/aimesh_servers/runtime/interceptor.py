@@ -111,6 +111,7 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         parse = handler.request_deserializer
         serialize = handler.response_serializer
+        streams = handler.unary_stream is not None or handler.stream_stream is not None
 
         def serialize_or_stored(message: Any) -> bytes:
             """A cache hit hands back the stored bytes: they go out as they are."""
@@ -129,12 +130,12 @@ class AimeshServerInterceptor(grpc.aio.ServerInterceptor):
                 yield decode(raw)
 
         async def admit(context: grpc.aio.ServicerContext) -> tuple[Ticket, CallTrace | None]:
-            trace = self.tracer.begin(method, context) if self.tracer is not None else None
+            trace = self.tracer.begin(method, context, streams) if self.tracer is not None else None
             try:
                 ticket = await self.admission.acquire(context.time_remaining())
             except AimeshError as exc:
                 if trace is not None:
-                    trace.refused(exc.code, exc)
+                    trace.refused(grpc_code(exc), exc)
                 await self._abort(context, exc, method)
             if trace is not None:
                 trace.admitted(ticket)

@@ -106,7 +106,7 @@ class ModelServer:
         self.port = (self.server.add_secure_port(address, self.tls.server_credentials()) if self.tls
                      else self.server.add_insecure_port(address))
         if self.tracer is not None:
-            self.tracer.replica = f"{self.settings.advertise_host or self.settings.host}:{self.port}"
+            self.tracer.bind(f"{self.settings.advertise_host or self.settings.host}:{self.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         tls = ", mutual TLS" if self.tls else ""

@@ -11,11 +11,14 @@ Spans of one call, all in the trace of the caller's `traceparent` (Envoy's upstr
 span when it came through the front door):
 - the server span `{service}/{method}` (rpc.* semantic conventions, aimesh.* for the
   rest: model, version, pool, replica, tenant, units, finish reason);
-- `aimesh.admission`: waiting for a slot (a refusal ends there, RESOURCE_EXHAUSTED);
+- `aimesh.admission`: the wait for a slot, when the call queued (a refusal ends there,
+  RESOURCE_EXHAUSTED); a call admitted at once has no such span;
 - model work by stage, opened by the engines: `stage()` around a piece of work on the
   event loop (an embedding batch, diffusion, an audio window), `stages()` for work a
   scheduler thread moves through (text: `prefill`, then `decode`);
-- `aimesh.result`: from the first answer message to the end of the call.
+- `aimesh.result` (streamed answers): from the first message to the end of the stream.
+Spans cost CPU (~30-70 us each in the Python SDK, export included), so a unary call
+admitted at once makes two: its own and its model work.
 Stage spans are never made current (no context attach), so they may be opened in one
 coroutine step and closed in another, or on another thread.
 """
@@ -28,9 +31,10 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span
+    from opentelemetry.sdk.trace import TracerProvider
 
     from .accounting import CallAccount
     from .admission import Ticket
@@ -47,9 +51,16 @@ SERVICE_NAME = "aimesh-server"
 
 
 class CallTracer:
-    """A server's tracer: one per ModelServer, so servers in one process stay apart."""
+    """A server's tracer: one per ModelServer, so servers in one process stay apart. What
+    is the same for every call (the server's pool, its replica address) is a resource
+    attribute, exported once per batch of spans instead of once per span."""
 
     def __init__(self, endpoint: str, sample_ratio: float = 1.0, pool: str = "") -> None:
+        self.endpoint, self.sample_ratio, self.pool = endpoint, sample_ratio, pool
+        self.provider: TracerProvider | None = None  # made by bind()
+
+    def bind(self, replica: str) -> None:
+        """Starts exporting, as the server at `replica` (host:port); before its first call."""
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -58,14 +69,13 @@ class CallTracer:
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = TracerProvider(
-            resource=Resource.create({"service.name": SERVICE_NAME, "aimesh.pool": pool}),
-            sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+            resource=Resource.create({"service.name": SERVICE_NAME, "service.instance.id": replica,
+                                      "aimesh.replica": replica, "aimesh.pool": self.pool}),
+            sampler=ParentBased(TraceIdRatioBased(self.sample_ratio)),
         )
-        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=self.endpoint, insecure=True)))
         self.tracer = self.provider.get_tracer("aimesh.server")
         self.propagator = TraceContextTextMapPropagator()
-        self.pool = pool
-        self.replica = ""  # host:port, known once the server bound its port
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> CallTracer | None:
@@ -73,36 +83,32 @@ class CallTracer:
             return None
         return cls(settings.otlp_endpoint, settings.trace_sample_ratio, settings.pool)
 
-    def begin(self, method: str, context: grpc.aio.ServicerContext) -> CallTrace:
+    def begin(self, method: str, context: grpc.aio.ServicerContext, streams: bool) -> CallTrace:
         """The server span of a call, continuing the caller's trace; current for its stages."""
-        from opentelemetry.trace import SpanKind
-
         metadata = dict(context.invocation_metadata() or ())
         parent = self.propagator.extract(metadata)
         service, _, name = method.lstrip("/").partition("/")
         span = self.tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes={
-            "rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
-            "aimesh.replica": self.replica, "aimesh.pool": self.pool,
-        })
-        trace = CallTrace(self, span)
+            "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+        trace = CallTrace(self, span, streams)
         _CURRENT.set(trace)
         return trace
 
     def shutdown(self) -> None:
         """Exports what is still queued, then stops."""
-        self.provider.shutdown()
+        if self.provider is not None:
+            self.provider.shutdown()
 
 
 class CallTrace:
     """The spans of one call."""
 
-    __slots__ = ("tracer", "span", "finish_reason", "_parent")
+    __slots__ = ("_parent", "finish_reason", "span", "streams", "tracer")
 
-    def __init__(self, tracer: CallTracer, span: Span) -> None:
-        from opentelemetry.trace import set_span_in_context
-
+    def __init__(self, tracer: CallTracer, span: Span, streams: bool) -> None:
         self.tracer = tracer
         self.span = span
+        self.streams = streams  # the answer is a stream (it gets a result span)
         self.finish_reason: str | None = None  # the engine's, when it states one
         self._parent = set_span_in_context(span)
 
@@ -111,6 +117,8 @@ class CallTrace:
                                              attributes=attributes)
 
     def admitted(self, ticket: Ticket) -> None:
+        if not ticket.queue_depth:
+            return  # a slot was free: nothing waited
         now = time.time_ns()
         self.child("aimesh.admission", now - int(ticket.wait_s * 1e9), {
             "aimesh.queue.wait_ms": round(ticket.wait_s * 1000, 3),
@@ -119,42 +127,38 @@ class CallTrace:
 
     def refused(self, code: grpc.StatusCode, exc: AimeshError) -> None:
         """No slot: the admission span and the call end here, with the refusal's status."""
-        from opentelemetry.trace import Status, StatusCode
-
         span = self.child("aimesh.admission", attributes={"aimesh.error.reason": exc.reason_name})
         span.set_status(Status(StatusCode.ERROR, exc.message))
         span.end()
-        self._finish(code, exc.reason_name)
+        self._finish(code, exc.reason_name, {})
 
     def end(self, account: CallAccount, code: grpc.StatusCode, reason: str) -> None:
-        attributes: dict[str, Any] = {
-            "aimesh.model": account.served_model or account.requested_model,
-            "aimesh.model.requested": account.requested_model,
-            "aimesh.model.version": account.served_version,
-            "aimesh.tenant": account.tenant,
-            "aimesh.request_id": account.request_id,
-        }
-        if account.pool:
+        # Only what the call itself adds, and only when known: each attribute costs CPU to
+        # make and export (~3 us), and the request id is on Envoy's span already.
+        model = account.served_model or account.requested_model
+        attributes: dict[str, Any] = {"aimesh.model": model, "aimesh.model.version": account.served_version}
+        if account.requested_model and account.requested_model != model:  # an alias
+            attributes["aimesh.model.requested"] = account.requested_model
+        if account.pool and account.pool != self.tracer.pool:
             attributes["aimesh.pool"] = account.pool
+        if account.tenant:
+            attributes["aimesh.tenant"] = account.tenant
         if account.unit:
             attributes.update({"aimesh.units.unit": account.unit,
                                "aimesh.units.input": account.input_units,
                                "aimesh.units.output": account.output_units})
-        self.span.set_attributes(attributes)
-        if account.first_output_s is not None:
+        if self.streams and account.first_output_s is not None:
             started = time.time_ns() - int((time.monotonic() - account.started - account.first_output_s) * 1e9)
-            self.child("aimesh.result", started, {
-                "aimesh.first_output_ms": round(account.first_output_s * 1000, 3)}).end()
-        self._finish(code, reason)
+            self.child("aimesh.result", started).end()
+        self._finish(code, reason, attributes)
 
-    def _finish(self, code: grpc.StatusCode, reason: str) -> None:
-        from opentelemetry.trace import Status, StatusCode
-
-        finish = self.finish_reason or reason or ("complete" if code == grpc.StatusCode.OK
-                                                  else code.name.lower())
-        self.span.set_attributes({"rpc.grpc.status_code": code.value[0], "aimesh.finish_reason": finish})
+    def _finish(self, code: grpc.StatusCode, reason: str, attributes: dict[str, Any]) -> None:
+        attributes["rpc.grpc.status_code"] = code.value[0]
+        attributes["aimesh.finish_reason"] = self.finish_reason or reason or (
+            "complete" if code == grpc.StatusCode.OK else code.name.lower())
         if reason:
-            self.span.set_attribute("aimesh.error.reason", reason)
+            attributes["aimesh.error.reason"] = reason
+        self.span.set_attributes(attributes)
         if code in _SERVER_ERRORS:
             self.span.set_status(Status(StatusCode.ERROR, reason or code.name))
         self.span.end()
@@ -175,8 +179,6 @@ class _Stage(AbstractContextManager["_Stage"]):
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, Exception):
-            from opentelemetry.trace import Status, StatusCode
-
             self.span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         elif exc is not None:  # the caller left (GeneratorExit) or cancelled the call
             self.span.set_attribute("aimesh.cancelled", True)
