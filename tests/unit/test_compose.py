@@ -67,7 +67,7 @@ def test_every_registered_model_has_a_server_that_registers_with_consul(compose)
             assert server["environment"] == {
                 "AIMESH_CONSUL_HTTP_ADDR": "consul:8500", "AIMESH_HOST": "0.0.0.0",
                 "AIMESH_PORT": "50051", "AIMESH_POOL": pool.id, "AIMESH_ADVERTISE_HOST": name,
-                "AIMESH_METRICS_PORT": "9100",
+                "AIMESH_METRICS_PORT": "9100", "AIMESH_OTLP_ENDPOINT": "jaeger:4317",
                 "AIMESH_CONSUL_TOKEN": _from_env_file("AIMESH_CONSUL_SERVER_TOKEN"),
                 "AIMESH_MESH_SECRET": _from_env_file("AIMESH_MESH_SECRET")}
             # Registers once the ACL set-up made its token.

@@ -9,6 +9,8 @@ from aimesh_servers.mesh.envoy_config import OTLP_CLUSTER, MeshSpec, bootstrap
 from aimesh_servers.mesh.envoy_process import validate, write_config
 from aimesh_servers.registry.schema import load_registry
 
+from tests.conftest import ROOT
+
 
 def hcm(config: dict) -> dict:
     return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -34,3 +36,11 @@ def test_envoy_accepts_the_opentelemetry_tracer_with_a_span_per_upstream_attempt
     otlp = next(c for c in config["static_resources"]["clusters"] if c["name"] == OTLP_CLUSTER)
     address = otlp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     assert address["socket_address"] == {"address": "collector.example", "port_value": 4317}
+
+
+def test_compose_sends_envoys_and_every_servers_spans_to_jaeger():
+    services = yaml.safe_load((ROOT / "compose.yml").read_text())["services"]
+    command = services["mesh"]["command"]
+    assert command[command.index("--otlp") + 1] == "jaeger:4317"
+    assert services["text"]["environment"]["AIMESH_OTLP_ENDPOINT"] == "jaeger:4317"
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
