@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import aimesh
 import grpc
@@ -176,8 +177,16 @@ async def test_first_audio_leaves_before_the_last_sentence_and_cancel_stops_synt
     assert first.text == "This is sentence number 1." and first.audio_chunk
     assert done_at_first < 12, "the first piece waited for the whole text"
     await stream.aclose()  # cancels the call
-    await asyncio.sleep(1.0)
+    # Until the server has seen the cancel (the sentence being made may still finish), then
+    # the count must stay still.
+    deadline = time.monotonic() + 60
     stopped_at = engine.sentences_synthesized - before
+    while True:
+        await asyncio.sleep(1.0)
+        if engine.sentences_synthesized - before == stopped_at:
+            break
+        assert time.monotonic() < deadline, "synthesis never stopped after cancel"
+        stopped_at = engine.sentences_synthesized - before
     await asyncio.sleep(1.0)
     assert engine.sentences_synthesized - before == stopped_at < 12, (
         "synthesis went on after cancel"
