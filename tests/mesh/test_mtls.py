@@ -253,7 +253,10 @@ def test_rotation_and_ca_rollover_under_load_lose_no_call(tls_mesh):
         rotate(certs, "--finish-ca")
         poll(lambda: set(tls_mesh.envoy_certs()["ca"]) == {new_ca}, "Envoy trusting the new CA alone")
         assert presented(server_port, MODEL_SERVER) and presented(control_port, CONTROL)
+        reported = server_reports(tls_mesh.mesh.state_dir / "aimesh.db")
         calls_after(5)
+        # Usage reports still reach control (the reporter reconnects with its new certificate).
+        poll(lambda: server_reports(tls_mesh.mesh.state_dir / "aimesh.db") > reported, "usage reports after the rollover")
     finally:
         stop.set()
         thread.join(120)
