@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import aimesh
 import grpc
@@ -106,9 +107,16 @@ async def test_cancelling_a_stream_stops_the_denoising(served):
         if received == 2:
             break
     await stream.aclose()  # cancels the RPC
-    await asyncio.sleep(1.0)  # let the server see the cancellation
+    # Until the server has seen the cancellation (the step under way may still finish)...
+    deadline = time.monotonic() + 60
     before = servicer.engine.steps_run
-    await asyncio.sleep(1.0)  # about 5 more steps at this size if the loop were still running
+    while True:
+        await asyncio.sleep(0.5)
+        if servicer.engine.steps_run == before:
+            break
+        assert time.monotonic() < deadline, "the pipeline never stopped after the cancel"
+        before = servicer.engine.steps_run
+    await asyncio.sleep(1.0)  # ...then about 5 more steps at this size if the loop were still running
     assert servicer.engine.steps_run == before, "the pipeline kept denoising after the client left"
     assert server.limit.in_flight == 0, "the concurrency slot was not released"
 
