@@ -3,13 +3,17 @@ reload (runtime.tls) and the Envoy config that uses them (validated by the real 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import stat
 import subprocess
 
+import grpc
 import pytest
 import yaml
+from aimesh.usage.v1 import usage_ingest_pb2 as ingest_pb
+from aimesh.usage.v1 import usage_ingest_pb2_grpc as ingest_grpc
 from aimesh_servers.cli import main
 from aimesh_servers.mesh.certs import (
     CONTROL,
@@ -25,8 +29,10 @@ from aimesh_servers.mesh.controller import EndpointController
 from aimesh_servers.mesh.envoy_config import MeshSpec, control_cluster
 from aimesh_servers.mesh.envoy_process import envoy_binary, write_config
 from aimesh_servers.registry.schema import load_registry
+from aimesh_servers.runtime.accounting import CallAccount
 from aimesh_servers.runtime.settings import ServerSettings
 from aimesh_servers.runtime.tls import TlsFiles
+from aimesh_servers.runtime.usage_reporter import UsageReporter
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -174,3 +180,41 @@ def test_envoy_accepts_mutual_tls_upstreams_and_a_tls_front_door(tmp_path, store
     assert listener["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] == ["h2", "http/1.1"]
     plaintext = MeshSpec(registry=load_registry(), state_dir=tmp_path, control_port=1)
     assert "transport_socket" not in control_cluster(plaintext)
+
+
+class _Collector(ingest_grpc.UsageIngestServiceServicer):
+    """A usage collector behind mutual TLS that notes the client certificate of each batch."""
+
+    def __init__(self) -> None:
+        self.client_serials: list[int] = []
+
+    async def ReportCalls(self, request, context):
+        [pem] = context.auth_context()["x509_pem_cert"]
+        self.client_serials.append(x509.load_pem_x509_certificate(pem).serial_number)
+        return ingest_pb.ReportCallsResponse(accepted=len(request.records))
+
+
+async def test_usage_reporter_calls_control_with_its_certificate_and_takes_a_rotation(store):
+    collector = _Collector()
+    server = grpc.aio.server()
+    ingest_grpc.add_UsageIngestServiceServicer_to_server(collector, server)
+    control = TlsFiles(store.cert_path(CONTROL), store.key_path(CONTROL), store.bundle_path)
+    port = server.add_secure_port("127.0.0.1:0", control.server_credentials())
+    await server.start()
+    reporter = UsageReporter(f"127.0.0.1:{port}", TlsFiles(
+        store.cert_path(MODEL_SERVER), store.key_path(MODEL_SERVER), store.bundle_path), interval_s=0.05)
+    reporter.start()
+    try:
+        async def reported_by(serial: int) -> None:
+            reporter.submit(CallAccount(method="/aimesh.embedding.v1.EmbeddingService/Embed",
+                                        request_id="r", tenant="t", requested_model="m"))
+            async with asyncio.timeout(30):
+                while serial not in collector.client_serials:
+                    await asyncio.sleep(0.05)
+
+        await reported_by(store.leaf(MODEL_SERVER).serial_number)
+        store.rotate_leaves()
+        await reported_by(store.leaf(MODEL_SERVER).serial_number)  # a new channel, the new certificate
+    finally:
+        await reporter.close()
+        await server.stop(0)
