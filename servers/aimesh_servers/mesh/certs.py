@@ -10,9 +10,11 @@ A certificates folder holds:
                                          its client certificate for calls to control
                            control       the control server (registry, tenancy, usage ingest)
                            envoy         Envoy's client certificate for upstream calls
-                           front-door    only with --front-door-host: the listener's own
-    sds/*.yaml             the same material as Envoy SDS resources (file-based SDS, one
-                           secret per file), so Envoy picks up a rotation without a restart
+                           front-door    only with --front-door-host: for `aimesh up
+                                         --tls-cert/--tls-key` (read when Envoy starts)
+    sds/*.yaml             Envoy's client certificate and the CA bundle as SDS resources
+                           (file-based SDS, one secret per file): Envoy picks up a rotation
+                           without a restart
     settings.json          hosts and lifetimes, reused by `rotate`
 
 Every file is written to a temporary name and renamed into place (Envoy's directory
@@ -43,7 +45,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 MODEL_SERVER, CONTROL, ENVOY, FRONT_DOOR = "model-server", "control", "envoy", "front-door"
 # Envoy's SDS secret names (one file each in sds/).
-ENVOY_CLIENT_SECRET, MESH_CA_SECRET, FRONT_DOOR_SECRET = "envoy-client", "mesh-ca", "front-door"
+ENVOY_CLIENT_SECRET, MESH_CA_SECRET = "envoy-client", "mesh-ca"
 # The compose services a model server or the control server is reached by.
 COMPOSE_HOSTS = ("text", "image", "stt", "tts", "vision", "embedding", "mesh")
 
@@ -241,13 +243,9 @@ class CertStore:
             "validation_context": {"trusted_ca": {"inline_string": self.bundle_path.read_text()}}}))
 
     def _write_leaf_sds(self) -> None:
-        secrets = [(ENVOY_CLIENT_SECRET, ENVOY)]
-        if self.cert_path(FRONT_DOOR).exists() and self.settings().front_door_hosts:
-            secrets.append((FRONT_DOOR_SECRET, FRONT_DOOR))
-        for secret, identity in secrets:
-            _write(self.sds_path(secret), sds_resource(secret, {"tls_certificate": {
-                "certificate_chain": {"inline_string": self.cert_path(identity).read_text()},
-                "private_key": {"inline_string": self.key_path(identity).read_text()}}}), private=True)
+        _write(self.sds_path(ENVOY_CLIENT_SECRET), sds_resource(ENVOY_CLIENT_SECRET, {"tls_certificate": {
+            "certificate_chain": {"inline_string": self.cert_path(ENVOY).read_text()},
+            "private_key": {"inline_string": self.key_path(ENVOY).read_text()}}}), private=True)
 
 
 def sds_resource(name: str, body: dict) -> bytes:
