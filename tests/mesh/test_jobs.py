@@ -120,17 +120,21 @@ def test_submit_over_http_and_resubmit_with_the_same_key(client: aimesh.Client, 
     assert len(result.response.embed.embeddings[0].values) == 384 and result.attempts == 1
 
 
+@pytest.mark.timeout(900)
 def test_cancel_stops_a_running_job(client: aimesh.Client) -> None:
     job = client.jobs.submit(texts(40, max_tokens=48, tag="Slowly. "))
-    poll(lambda: client.jobs.get(job).progress.succeeded >= 1, "the first item to finish", 300)
+    poll(lambda: client.jobs.get(job).progress.running >= 1, "an item to start", 300)
     cancelled = client.jobs.cancel(job)
     assert cancelled.state == pb.JOB_STATE_CANCELLED
     assert cancelled.progress.cancelled > 0 and cancelled.progress.running == 0
     assert client.jobs.cancel(job).state == pb.JOB_STATE_CANCELLED  # again: unchanged
-    # Nothing more runs: results stay as they were at the cancel.
+    # The workers move on (a later job runs) and nothing of the cancelled one ran since.
+    later = client.jobs.submit([EmbedRequest(model=EMBED, texts=["after the cancel"])])
+    assert client.jobs.wait(later, timeout=300).state == pb.JOB_STATE_SUCCEEDED
     results = all_results(client, job)
     assert sum(r.state == pb.ITEM_STATE_SUCCEEDED for r in results) == cancelled.progress.succeeded
     assert not any(r.state in (pb.ITEM_STATE_RUNNING, pb.ITEM_STATE_QUEUED) for r in results)
+    assert client.jobs.get(job).progress == cancelled.progress
 
 
 def test_a_tenant_sees_and_cancels_only_its_own_jobs(client: aimesh.Client, mesh: Mesh) -> None:

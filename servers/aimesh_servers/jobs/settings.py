@@ -16,7 +16,9 @@ class JobSettings:
     lease_s: float = 15.0
     retention_s: float = 7 * 86400.0  # results are deleted this long after a job ends
     max_items: int = 1000  # requests in one job
-    max_attempts: int = 6  # calls per item when the mesh answers UNAVAILABLE / RESOURCE_EXHAUSTED
+    # Calls per item while the mesh answers UNAVAILABLE / RESOURCE_EXHAUSTED (backoff 1, 2,
+    # 4... s, at most 30 s: about 2.5 minutes in all, e.g. while a model server restarts).
+    max_attempts: int = 10
     item_timeout_s: float = 600.0  # deadline of one item's call
     in_process_workers: bool = True  # False: `aimesh worker` processes take the items (Redis)
 

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # Answers after which the same call may succeed later: the item is tried again.
 TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 TOKEN_TTL = timedelta(minutes=15)
+MAX_BACKOFF_S = 30.0
 
 
 def worker_id(suffix: str = "") -> str:
@@ -187,5 +188,5 @@ class JobRunner:
                 if exc.code() not in TRANSIENT or attempt == self.settings.max_attempts:
                     return error_of(exc)
                 await asyncio.sleep(delay)
-                delay *= 2
+                delay = min(delay * 2, MAX_BACKOFF_S)
         raise AssertionError("unreachable")
