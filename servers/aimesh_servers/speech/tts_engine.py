@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime
 
 from ..models import builtin
-from ..runtime.errors import AimeshError, EngineFailure, InvalidArgument, ModelNotFound, OutOfRange
+from ..runtime.errors import AimeshError, InvalidArgument, ModelNotFound, OutOfRange
 from .audio import to_ogg_vorbis, to_s16le, wav_header
 
 FORMATS = ("wav", "pcm_s16le", "ogg")
@@ -122,7 +122,8 @@ class PiperVoice:
             check=False,
         )
         if done.returncode != 0:
-            raise EngineFailure(f"espeak-ng failed ({done.returncode}): {done.stderr.strip()}")
+            # Not a domain error: its stderr is for our log; the caller gets INTERNAL and an incident id.
+            raise RuntimeError(f"espeak-ng failed ({done.returncode}): {done.stderr.strip()}")
         clauses = [line.strip() for line in done.stdout.splitlines() if line.strip()]
         if not clauses:
             return ""
