@@ -546,9 +546,10 @@ _TOKEN_HELP = "this call needs a valid token from a trusted issuer (Authorizatio
 
 def _token_refusal_mappers() -> list[dict[str, Any]]:
     """jwt_authn's refusals in AIP-193 form (ErrorInfo reason UNAUTHENTICATED, and
-    x-aimesh-reason for the access log). grpc-message keeps jwt_authn's own words ("Jwt is
-    expired"); the Status in grpc-status-details-bin carries a general message, as the
-    details are static."""
+    x-aimesh-reason for the access log). Over HTTP/JSON the message keeps jwt_authn's own
+    words ("Jwt is expired"); over gRPC, grpc-message is the Status's general message, as
+    the details are static and clients (grpcio-status) refuse a Status whose message
+    differs from grpc-message."""
     refused = {"or_filter": {"filters": [
         {"status_code_filter": {"comparison": {
             "op": "EQ", "value": {"default_value": code, "runtime_key": "aimesh.token_refusal"}}}}
