@@ -85,5 +85,11 @@ def test_http2_windows_headers_and_the_overload_manager(tmp_path):
     thresholds = [(a["name"].rsplit(".", 1)[1], a["triggers"][0]["threshold"]["value"]) for a in overload["actions"]]
     assert thresholds == [("shrink_heap", 0.90), ("disable_http_keepalive", 0.92),
                           ("stop_accepting_requests", 0.95)]
+    # Its refusal (response flag OM) is AIP-193 too, with the table's code.
+    row = error_model.TABLE["SERVER_NOT_READY"]
+    [grpc_reply] = [m for m in hcm["local_reply_config"]["mappers"]
+                    if m["filter"] == {"response_flag_filter": {"flags": ["OM"]}}]
+    headers = {h["header"]["key"]: h["header"]["value"] for h in grpc_reply["headers_to_add"]}
+    assert headers["grpc-status"] == str(row.code) and row.http_status == 503
     write_routes(spec, ADMISSION)
     validate(inlined(config, spec.routes_path, None), tmp_path / "inlined.yaml")

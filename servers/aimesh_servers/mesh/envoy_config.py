@@ -632,11 +632,36 @@ def too_large_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
     return mappers
 
 
+OVERLOADED_MESSAGE = ("the front door is over its memory limit and takes no new calls for now; "
+                      "retry shortly, or through another front door")
+
+
+def overload_mappers() -> list[dict[str, Any]]:
+    """The overload manager's refusal (response flag OM, 503) in AIP-193 form: reason
+    SERVER_NOT_READY, so callers and load balancers try again elsewhere."""
+    row = error_model.TABLE["SERVER_NOT_READY"]
+    status = status_pb2.Status(code=row.code, message=OVERLOADED_MESSAGE)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(
+        reason="SERVER_NOT_READY", domain=DOMAIN, metadata={"overloaded": "front_door"}))
+    overloaded = {"response_flag_filter": {"flags": ["OM"]}}
+    from_http = {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}}
+    return [
+        {"filter": {"and_filter": {"filters": [overloaded, from_http]}},
+         "status_code": row.http_status,
+         "body_format_override": {"json_format": {"code": row.code, "message": OVERLOADED_MESSAGE, "details": [
+             {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVER_NOT_READY",
+              "domain": DOMAIN, "metadata": {"overloaded": "front_door"}}]}, "content_type": "application/json"}},
+        {"filter": overloaded, "headers_to_add": _grpc_status_headers(status),
+         "body": {"inline_string": OVERLOADED_MESSAGE}},
+    ]
+
+
 def local_reply_mappers(spec: MeshSpec) -> list[dict[str, Any]]:
     """Envoy's own 'no healthy upstream' becomes AIP-193: UNAVAILABLE + ErrorInfo naming the
     model, as grpc-status-details-bin for gRPC callers and a google.rpc.Status JSON body over
     HTTP; so do jwt_authn's refusals."""
-    mappers = [*too_large_mappers(spec), *(_token_refusal_mappers() if spec.tenancy else [])]
+    mappers = [*too_large_mappers(spec), *overload_mappers(),
+               *(_token_refusal_mappers() if spec.tenancy else [])]
     for model in spec.registry.models:
         message, status = _unavailable(model)
         details_bin = base64.b64encode(status.SerializeToString()).decode().rstrip("=")
