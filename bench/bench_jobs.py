@@ -8,16 +8,19 @@ figure against its baseline in the same run:
 - interactive p95: one caller's embedding calls alone, then while a batch runs (the
   batch keeps at most AIMESH_JOB_BATCH_SHARE of the pool's slots, default 0.5).
 
-    .venv/bin/python bench/bench_jobs.py [--quick] [--json out.json]
+With --redis the queue is a real redis-server and one `aimesh worker` process runs the
+items (instead of workers inside the control process).
+
+    .venv/bin/python bench/bench_jobs.py [--quick] [--redis] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ import common  # bench/common.py
 from aimesh.embedding.v1.embedding_pb2 import EmbedRequest
 from aimesh.jobs.v1 import jobs_pb2 as pb
 
+from tests.infra import redis_server
 from tests.mesh.conftest import Mesh
 
 MODEL = "all-minilm-l6-v2"
@@ -60,10 +64,19 @@ def many_jobs(client: aimesh.Client, count: int) -> float:
     return time.perf_counter() - start
 
 
-def interactive_latencies(client: aimesh.Client, seconds: float, stop: threading.Event | None = None) -> list[float]:
+def poll_running(client: aimesh.Client, job: pb.Job) -> None:
+    """Until the batch has items in flight (it has taken its share of the pool)."""
+    deadline = time.monotonic() + 120
+    while client.jobs.get(job).progress.running == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the background batch did not start")
+        time.sleep(0.05)
+
+
+def interactive_latencies(client: aimesh.Client, seconds: float) -> list[float]:
     out = []
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not (stop and stop.is_set()):
+    while time.monotonic() < deadline:
         start = time.perf_counter()
         client.embedding.embed(MODEL, ["how long does an interactive call wait behind a batch?"])
         out.append(time.perf_counter() - start)
@@ -80,14 +93,17 @@ def main() -> int:
     parser.add_argument("--items", type=int, help="requests in the batch (default 200, quick 60)")
     parser.add_argument("--jobs", type=int, help="single-request jobs (default 50, quick 20)")
     parser.add_argument("--seconds", type=float, help="each interactive phase (default 15, quick 6)")
+    parser.add_argument("--redis", action="store_true",
+                        help="queue on a real redis-server, items run by one `aimesh worker` process")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     items = args.items or (60 if args.quick else 200)
     job_count = args.jobs or (20 if args.quick else 50)
     seconds = args.seconds or (6.0 if args.quick else 15.0)
 
-    with tempfile.TemporaryDirectory(prefix="bench-jobs-") as state:
-        mesh = Mesh(Path(state), only=["embedding"])
+    with tempfile.TemporaryDirectory(prefix="bench-jobs-") as state, contextlib.ExitStack() as stack:
+        queue_args = ["--redis", stack.enter_context(redis_server()), "--job-workers", "1"] if args.redis else []
+        mesh = Mesh(Path(state), only=["embedding"], extra_args=queue_args)
         try:
             mesh.wait_ready()
             with aimesh.Client(mesh.front, timeout=60, max_attempts=1) as client:
@@ -96,13 +112,11 @@ def main() -> int:
                 batch_s = as_batch(client, items)
                 jobs_s = many_jobs(client, job_count)
                 alone = interactive_latencies(client, seconds)
-                stop = threading.Event()
-                background = threading.Thread(target=lambda: (as_batch(client, min(items * 10, 1000), "background"), stop.set()),
-                                              daemon=True)
-                background.start()
-                time.sleep(1.0)  # let the batch fill its share of the pool
-                beside = interactive_latencies(client, seconds, stop)
-                batch_running = not stop.is_set()
+                background = client.jobs.submit(requests(min(items * 10, 1000), "background"))
+                poll_running(client, background)
+                beside = interactive_latencies(client, seconds)
+                batch_running = client.jobs.get(background).state == pb.JOB_STATE_RUNNING
+                client.jobs.cancel(background)
         finally:
             mesh.stop()
 
@@ -111,8 +125,10 @@ def main() -> int:
         "batch_vs_sequential": sequential_s / batch_s, "jobs": job_count, "jobs_per_s": job_count / jobs_s,
         "interactive_p95_alone_ms": p95(alone) * 1000, "interactive_p95_with_batch_ms": p95(beside) * 1000,
         "interactive_calls": [len(alone), len(beside)], "batch_ran_throughout": batch_running,
+        "queue": "redis" if args.redis else "in-process",
     }
     ratio = results["interactive_p95_with_batch_ms"] / results["interactive_p95_alone_ms"]
+    print(f"queue: {results['queue']}")
     print(f"one by one:  {results['sequential_items_per_s']:.1f} requests/s ({items} embedding calls, 1 caller)")
     print(f"as a batch:  {results['batch_items_per_s']:.1f} requests/s ({results['batch_vs_sequential']:.2f}x one by one)")
     print(f"jobs:        {results['jobs_per_s']:.1f} single-request jobs/s (submit -> finished)")

@@ -114,7 +114,18 @@ def test_submit_over_http_and_resubmit_with_the_same_key(client: aimesh.Client, 
     again = client.jobs.submit([EmbedRequest(model=EMBED, texts=["a man is eating food"])],
                                idempotency_key="embed-once")
     assert again.name == first.json()["job"]["name"]
-    done = client.jobs.wait(again, timeout=120)
+    # WatchJob over HTTP is a stream of Server-Sent Events, the last one the finished job.
+    events = []
+    with httpx.stream("GET", f"http://{mesh.front}/v1/{again.name}:watch", headers=auth, timeout=120) as watch:
+        for line in watch.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:])["job"]["state"])
+    assert events[-1] == "JOB_STATE_SUCCEEDED", events
+    cancel = httpx.post(f"http://{mesh.front}/v1/{again.name}:cancel", json={}, headers=auth, timeout=30)
+    assert cancel.status_code == 200 and cancel.json()["job"]["state"] == "JOB_STATE_SUCCEEDED", cancel.text
+    missing = httpx.get(f"http://{mesh.front}/v1/jobs/0000", headers=auth, timeout=30)
+    assert missing.status_code == 404 and "JOB_NOT_FOUND" in missing.text, missing.text
+    done = client.jobs.get(again)
     assert done.state == pb.JOB_STATE_SUCCEEDED and done.progress.total == 1
     [result] = all_results(client, done)
     assert len(result.response.embed.embeddings[0].values) == 384 and result.attempts == 1

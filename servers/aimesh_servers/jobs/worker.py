@@ -139,8 +139,9 @@ class JobRunner:
             await self.queue.ack(delivery)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the item stays leased: another attempt takes it after the lease
+        except Exception:  # e.g. the database went away: try again once the lease has ended
             log.exception("job item %s/%d", delivery.job_id, delivery.index)
+            await self.queue.retry_later(delivery, self.settings.lease_s)
         finally:
             slot.release()
 
