@@ -9,8 +9,12 @@ baseline), first-token latency p50/p99, inter-token gap p99, errors. Each stream
 is compared with the text the server gives that prompt alone (the 1-caller row).
 `--direct` adds rows straight to the server; `--precisions` compares float32 and
 bfloat16 engines in-process (speed at 16 streams, greedy answers vs float32 alone).
+`--engines` runs only the engines in-process (transformers float32, CTranslate2 int8
+micro-batches with 1 and 2 batches in flight), between two sequential `generate`
+baselines: 16 streams together and spread over 2 s, `--rounds` times each.
 
     .venv/bin/python bench/bench_text.py [--quick] [--json out.json] [--direct] [--precisions]
+    .venv/bin/python bench/bench_text.py --engines [--quick] [--rounds 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -212,6 +216,102 @@ def precisions(max_tokens: int, threads: int) -> dict[str, Any]:
     return out
 
 
+# --engines: the text engines in this process, each as `aimesh serve text` would run it.
+ENGINES: dict[str, dict[str, Any]] = {
+    "transformers float32": {"engine": "transformers"},
+    "ctranslate2 int8, 1 batch in flight": {"engine": "ctranslate2", "batches_in_flight": 1},
+    "ctranslate2 int8, 2 batches in flight": {"engine": "ctranslate2", "batches_in_flight": 2},
+}
+
+
+def engine_rows(max_tokens: int, threads: int, rounds: int) -> dict[str, Any]:
+    """Each engine in-process, greedy, the 16 prompts: alone (one after another), then 16
+    streams arriving together and spread over 2 s (`rounds` times each): tokens/s, TTFT
+    p50/p99, each stream vs its answer alone, and answers alone vs float32's."""
+    from aimesh_servers.text.engine import TextEngine
+    from aimesh_servers.text.request import GenerationRequest
+    from aimesh_servers.text.settings import TextSettings
+
+    out: dict[str, Any] = {}
+    for name, overrides in ENGINES.items():
+        settings = TextSettings(max_batch=16, **overrides)
+        if settings.engine == "ctranslate2":
+            from aimesh_servers.text.ct2_engine import CT2TextEngine as engine_class
+        else:
+            engine_class = TextEngine
+        engine = engine_class(SOURCE, threads=threads, settings=settings)
+        engine.load()
+        requests = [GenerationRequest([("user", p)], max_tokens) for p in PROMPTS]
+
+        def run(request: GenerationRequest, begin: float, engine: TextEngine = engine) -> dict[str, Any]:
+            first, parts, tokens = None, [], 0
+            for chunk in engine.stream(request, threading.Event()):
+                if chunk.text and first is None:
+                    first = time.perf_counter() - begin
+                parts.append(chunk.text)
+                tokens = chunk.completion_tokens
+            return {"ttft": first, "text": "".join(parts), "tokens": tokens, "end": time.perf_counter()}
+
+        alone = [run(r, time.perf_counter())["text"] for r in requests]
+        row: dict[str, Any] = {"alone": alone, "rounds": []}
+        for round_ in range(rounds):
+            for spread_s in (0.0, 2.0):
+                results: list[dict[str, Any]] = [{}] * len(requests)
+                started = time.perf_counter()
+
+                def worker(i: int, results: list[dict[str, Any]] = results, started: float = started,
+                           spread_s: float = spread_s, requests: list[GenerationRequest] = requests) -> None:
+                    time.sleep(spread_s * i / len(requests))
+                    results[i] = run(requests[i], time.perf_counter())
+
+                workers = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                seconds = max(r["end"] for r in results) - started
+                ttfts = [r["ttft"] for r in results if r["ttft"] is not None]
+                row["rounds"].append({
+                    "round": round_, "spread_s": spread_s,
+                    "tokens_per_s": round(sum(r["tokens"] for r in results) / seconds, 2),
+                    "ttft_p50_s": round(pct(ttfts, 50), 4), "ttft_p99_s": round(pct(ttfts, 99), 4),
+                    "equal_alone": sum(r["text"] == a for r, a in zip(results, alone))})
+        engine.close()
+        out[name] = row
+    reference = out["transformers float32"]["alone"]
+    for row in out.values():
+        row["alone_equal_float32"] = sum(a == b for a, b in zip(row.pop("alone"), reference))
+    return out
+
+
+def engines_main(args: argparse.Namespace, max_tokens: int) -> None:
+    """--engines: the engine rows between two sequential `generate` baselines, no mesh."""
+    print(f"SmolLM2-135M-Instruct, greedy, {max_tokens} new tokens, {args.threads} threads, in-process engines")
+    before = sequential_generate(PROMPTS[:4], max_tokens, args.threads)
+    rows = engine_rows(max_tokens, args.threads, args.rounds)
+    after = sequential_generate(PROMPTS[:4], max_tokens, args.threads)
+    base_tps = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
+    print(f"  sequential model.generate: {before['tokens_per_s']:.1f} tok/s before, "
+          f"{after['tokens_per_s']:.1f} after (load average {machine_info()['load_average']})")
+    print(f"\n  {'engine':40s} {'arrival':>8s} {'tok/s':>7s} {'x seq':>6s} {'TTFT p50':>9s} {'TTFT p99':>9s} "
+          f"{'= alone':>8s} {'alone = float32':>16s}")
+    goals: list[Goal] = []
+    for name, row in rows.items():
+        for r in row["rounds"]:
+            r["ratio"] = round(r["tokens_per_s"] / base_tps, 2)
+            how = "over 2 s" if r["spread_s"] else "together"
+            print(f"  {name:40s} {how:>8s} {r['tokens_per_s']:7.1f} {r['ratio']:6.1f} "
+                  f"{r['ttft_p50_s'] * 1000:7.0f}ms {r['ttft_p99_s'] * 1000:7.0f}ms "
+                  f"{r['equal_alone']:>4d}/{len(PROMPTS):<3d} {row['alone_equal_float32']:>12d}/{len(PROMPTS)}")
+        best = max(r["ratio"] for r in row["rounds"])
+        goals.append(Goal(f"{name}: 16 streams, best tokens/s vs sequential generate", best, ">= 12x", best >= 12))
+    report("text-engines", args.json, goals,
+           {"max_tokens": max_tokens, "threads": args.threads, "baseline_tokens_per_s": base_tps,
+            "baseline": {k: v for k, v in before.items() if k != "texts"},
+            "baseline_after": {k: v for k, v in after.items() if k != "texts"}, "engines": rows},
+           machine_info())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer levels and tokens")
@@ -220,8 +320,14 @@ def main() -> None:
     parser.add_argument("--direct", action="store_true", help="also run each level straight to the server")
     parser.add_argument("--precisions", action="store_true", help="float32 vs bfloat16, in-process")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engines", action="store_true",
+                        help="only the in-process engine comparison (transformers, ctranslate2), no mesh")
+    parser.add_argument("--rounds", type=int, default=2, help="--engines: rounds of each arrival pattern")
     args = parser.parse_args()
     max_tokens = args.max_tokens or (32 if args.quick else 64)
+    if args.engines:
+        engines_main(args, max_tokens)
+        return
     levels = [4, 16] if args.quick else [4, 16, 32, 64]
     alone_prompts = PROMPTS[:4] if args.quick else PROMPTS
     # The mesh as deployed (32 slots, a 2 s queue): callers beyond the slots may be refused

@@ -89,6 +89,11 @@ class _Call:
 
 
 @dataclass
+class _Tally:
+    tokens: int = 0
+
+
+@dataclass
 class MicroBatcher:
     """Groups waiting calls into batches and runs them on `generator`, `workers` at once."""
 
@@ -97,12 +102,17 @@ class MicroBatcher:
     max_batch: int
     join_window_s: float
     workers: int
-    tokens_generated: int = 0  # over the batcher's life: proof that work stops on cancel
-    running: int = 0  # calls in batches now
+    tally: _Tally = field(default_factory=_Tally)
     _waiting: deque[_Call] = field(default_factory=deque)
+    _batches: list[list[_Call]] = field(default_factory=list)  # generating now
     _wake: threading.Condition = field(default_factory=threading.Condition)
     _stopping: bool = False
     _threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def tokens_generated(self) -> int:
+        """Over the batcher's life: proof that work stops on cancel."""
+        return self.tally.tokens
 
     def start(self) -> None:
         for i in range(self.workers):
@@ -128,8 +138,10 @@ class MicroBatcher:
 
     @property
     def active(self) -> int:
-        """Calls waiting for a batch or in one."""
-        return len(self._waiting) + self.running
+        """Calls waiting for a batch, or in one and not finished (a cancelled row stops at
+        its next token, before its batch ends)."""
+        with self._wake:
+            return len(self._waiting) + sum(not c.finished for b in self._batches for c in b)
 
     def _next_batch(self) -> list[_Call] | None:
         """Waits for a call, then out its join window; the batch it opens. None: stopping."""
@@ -152,7 +164,7 @@ class MicroBatcher:
                 batch = [c for c in self._waiting if c.sampling == first.sampling][: self.max_batch]
                 for call in batch:
                     self._waiting.remove(call)
-                self.running += len(batch)
+                self._batches.append(batch)
                 return batch
 
     def _loop(self) -> None:
@@ -165,11 +177,14 @@ class MicroBatcher:
                     call.finish("error", exc)
             finally:
                 with self._wake:
-                    self.running -= len(batch)
+                    self._batches.remove(batch)
 
     def _generate(self, batch: list[_Call]) -> None:
         temperature, top_p = batch[0].sampling
+        eos_ids, tally = self.eos_ids, self.tally
 
+        # Refers to neither the batcher nor the generator: CTranslate2 may drop the callback
+        # on one of its own threads, and a generator freed there joins that thread (abort).
         def on_token(step: ctranslate2.GenerationStepResult) -> bool:
             """Called by CTranslate2 for each row's new token; True stops that row."""
             call = batch[step.batch_id]
@@ -179,8 +194,8 @@ class MicroBatcher:
                 call.finish("cancelled")
                 return True
             call.generated += 1
-            self.tokens_generated += 1
-            if step.token_id in self.eos_ids:
+            tally.tokens += 1
+            if step.token_id in eos_ids:
                 call.finish("stop")
                 return True
             _send(call, step.token_id)
@@ -230,6 +245,7 @@ class CT2TextEngine(TextEngine):
 
     def close(self) -> None:
         self.batcher.stop()
+        self.generator.unload_model()  # its memory now, on this thread
 
     def _submit(self, prompt: list[int], request: GenerationRequest, cancel: threading.Event,
                 emit: Emit) -> None:
