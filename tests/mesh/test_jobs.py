@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aimesh
-import grpc
 import httpx
 import pytest
 from aimesh.embedding.v1.embedding_pb2 import EmbedRequest
 from aimesh.jobs.v1 import jobs_pb2 as pb
+from aimesh.speech.v1.speech_to_text_pb2 import RecognizeRequest
+from aimesh.speech.v1.text_to_speech_pb2 import SynthesizeRequest
 from aimesh.text.v1.text_generation_pb2 import ROLE_USER, ChatMessage, GenerateRequest
 
 from tests.infra import redis_server
@@ -225,3 +226,30 @@ def test_a_restarted_mesh_resumes_its_batch(tmp_path: Path) -> None:
         done = client.jobs.wait(job, timeout=600)
         assert done.state == pb.JOB_STATE_SUCCEEDED and done.progress.succeeded == 12, done
         assert sorted(r.index for r in all_results(client, job)) == list(range(12))
+
+
+def words(text: str) -> set[str]:
+    return {w.strip(".,!?;:'\"").lower() for w in text.split() if len(w.strip(".,!?;:'\"")) >= 4}
+
+
+@pytest.mark.timeout(1200)
+def test_a_text_speech_text_workflow_returns_words_from_the_original(tmp_path: Path) -> None:
+    """Each step is a call through the front door with a token for its own capability."""
+    with running_mesh(tmp_path / "state", "--only", "text", "--only", "tts", "--only", "stt") as mesh, \
+            aimesh.Client(mesh.front, token=mesh.token, timeout=30, max_attempts=1) as client:
+        with pytest.raises(aimesh.InvalidArgumentError):  # checked before anything runs
+            client.jobs.submit_workflow([*texts(1), RecognizeRequest(model="whisper-base")])
+        job = client.jobs.submit_workflow([
+            GenerateRequest(model=TEXT, max_tokens=24, temperature=0, messages=[ChatMessage(
+                role=ROLE_USER, content="Repeat this sentence exactly: The weather is sunny and warm today.")]),
+            SynthesizeRequest(model="piper-joe-medium"),
+            RecognizeRequest(model="whisper-base"),
+        ])
+        assert job.capability == "workflow" and job.progress.total == 3
+        done = client.jobs.wait(job, timeout=900)
+        results = all_results(client, job)
+        assert done.state == pb.JOB_STATE_SUCCEEDED, [(r.index, r.state, r.error.message) for r in results]
+        said = results[0].response.generate.text
+        audio = b"".join(p.audio_chunk for p in results[1].response.synthesize.responses)
+        heard = results[2].response.recognize.text
+        assert audio.startswith(b"RIFF") and words(said) & words(heard), (said, heard)

@@ -13,6 +13,7 @@ from aimesh_servers.jobs.store import (
     QUEUED,
     RUNNING,
     SUCCEEDED,
+    WORKFLOW,
     Claim,
     ItemError,
     JobNotFound,
@@ -182,3 +183,35 @@ def test_result_keys_stay_inside_the_store(tmp_path) -> None:
     assert result_key("../evil", "j", 0) == "..%2Fevil/j/0.pb"
     with pytest.raises(ValueError):
         results.put("../outside.pb", b"x")
+
+
+def workflow_job(store: JobStore, steps: int = 3):
+    return store.create_job("acme", kind=WORKFLOW, capability=WORKFLOW, model="",
+                            requests=[f"s{i}".encode() for i in range(steps)])[0]
+
+
+def test_workflow_steps_run_in_order_and_all_must_succeed(store: JobStore) -> None:
+    job = workflow_job(store)
+    assert store.claim(job.id, 1, "w1", LEASE) == Refusal(done=True)  # step 0 has not succeeded
+    assert store.next_step(job.id, 0) is None
+    store.claim(job.id, 0, "w1", LEASE)
+    store.finish(job.id, 0, "w1", result_key="k0")
+    assert store.next_step(job.id, 0) == b"s1"
+    second = store.claim(job.id, 1, "w1", LEASE)
+    assert isinstance(second, Claim) and second.previous_request == b"s0"
+    assert store.next_step(job.id, 0) is None  # step 1 is no longer waiting
+    store.finish(job.id, 1, "w1", result_key="k1")
+    store.claim(job.id, 2, "w1", LEASE)
+    store.finish(job.id, 2, "w1", result_key="k2")
+    assert store.get_job("acme", job.id).state == SUCCEEDED
+
+
+def test_a_failed_step_ends_its_workflow(store: JobStore) -> None:
+    job = workflow_job(store)
+    store.claim(job.id, 0, "w1", LEASE)
+    store.finish(job.id, 0, "w1", result_key="k0")
+    store.claim(job.id, 1, "w1", LEASE)
+    store.finish(job.id, 1, "w1", error=ItemError("ENGINE_FAILURE", "boom", b""))
+    done = store.get_job("acme", job.id)
+    assert done.state == FAILED and done.counts == {SUCCEEDED: 1, FAILED: 1, CANCELLED: 1}
+    assert store.next_step(job.id, 1) is None

@@ -1,5 +1,5 @@
-"""Asynchronous and batch jobs: `client.jobs.submit([...])`, `.get`, `.list`, `.cancel`,
-`.watch`, `.results`, `.write_jsonl`.
+"""Asynchronous and batch jobs and workflows: `client.jobs.submit([...])`,
+`.submit_workflow([...])`, `.get`, `.list`, `.cancel`, `.watch`, `.results`, `.write_jsonl`.
 
 A job is one request of any capability, or a batch of many of the same capability and
 model, run by the mesh while the caller is away. Give the capabilities' own request
@@ -50,6 +50,11 @@ def _submit(requests: Iterable[Message], idempotency_key: str, display_name: str
                                display_name=display_name)
 
 
+def _workflow(steps: Iterable[Message], idempotency_key: str, display_name: str) -> pb.SubmitJobRequest:
+    return pb.SubmitJobRequest(steps=[job_request(s) for s in steps], idempotency_key=idempotency_key,
+                               display_name=display_name)
+
+
 def _name(job: JobRef) -> str:
     return job.name if isinstance(job, pb.Job) else job
 
@@ -77,6 +82,14 @@ class JobsClient:
         """Queues a job of these requests (one: an async call; many: a batch of one kind and
         model). The same idempotency_key again returns the first job."""
         request = _submit(requests, idempotency_key, display_name)
+        return self._t.unary(self._stub.SubmitJob, request, timeout=timeout).job
+
+    def submit_workflow(self, steps: Iterable[Message], *, idempotency_key: str = "", display_name: str = "",
+                        timeout: float | None = None) -> pb.Job:
+        """Queues a workflow: the steps run in order, each step's output filling the next
+        step's empty input (e.g. GenerateRequest -> SynthesizeRequest(text="") ->
+        RecognizeRequest(audio=b"")); results are per step."""
+        request = _workflow(steps, idempotency_key, display_name)
         return self._t.unary(self._stub.SubmitJob, request, timeout=timeout).job
 
     def get(self, job: JobRef, *, timeout: float | None = None) -> pb.Job:
@@ -139,6 +152,11 @@ class AsyncJobsClient:
     async def submit(self, requests: Iterable[Message], *, idempotency_key: str = "", display_name: str = "",
                      timeout: float | None = None) -> pb.Job:
         request = _submit(requests, idempotency_key, display_name)
+        return (await self._t.unary(self._stub.SubmitJob, request, timeout=timeout)).job
+
+    async def submit_workflow(self, steps: Iterable[Message], *, idempotency_key: str = "",
+                              display_name: str = "", timeout: float | None = None) -> pb.Job:
+        request = _workflow(steps, idempotency_key, display_name)
         return (await self._t.unary(self._stub.SubmitJob, request, timeout=timeout)).job
 
     async def get(self, job: JobRef, *, timeout: float | None = None) -> pb.Job:

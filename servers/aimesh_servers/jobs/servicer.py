@@ -25,11 +25,12 @@ from grpc_status import rpc_status
 from ..runtime.errors import DOMAIN, InvalidArgument, PermissionDenied, Unauthenticated
 from ..tenancy.plans import ADMIN_SCOPE
 from . import store as st
+from . import workflow
 from .kinds import KINDS
 from .queue import Delivery, ItemQueue
 from .results import ResultStore
 from .settings import JobSettings
-from .store import ItemRecord, JobNotFound, JobRecord, JobStore
+from .store import WORKFLOW, ItemRecord, JobNotFound, JobRecord, JobStore
 
 TENANT_HEADER = "x-aimesh-tenant"
 SCOPES_HEADER = "x-aimesh-scopes"
@@ -132,7 +133,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     def _check(self, request: pb.SubmitJobRequest, caller: Caller) -> tuple[str, str, list[bytes]]:
         """(kind, model, serialized requests); InvalidArgument or PermissionDenied."""
         if not request.requests:
-            raise InvalidArgument("a job needs at least one request", field="requests")
+            raise InvalidArgument("a job needs at least one request (or steps)", field="requests")
         if len(request.requests) > self.settings.max_items:
             raise InvalidArgument(f"{len(request.requests)} requests; a job takes at most "
                                   f"{self.settings.max_items}", field="requests")
@@ -161,14 +162,39 @@ class JobServicer(pb_grpc.JobServiceServicer):
                                    f"{capability}", metadata={"tenant": caller.tenant, "scope": capability})
         return kind, model, raw
 
+    def _check_workflow(self, request: pb.SubmitJobRequest, caller: Caller) -> list[bytes]:
+        """The steps, serialized; InvalidArgument or PermissionDenied."""
+        if request.requests:
+            raise InvalidArgument("give requests (a job or batch) or steps (a workflow), not both",
+                                  field="steps")
+        if len(request.steps) > self.settings.max_items:
+            raise InvalidArgument(f"{len(request.steps)} steps; a workflow takes at most "
+                                  f"{self.settings.max_items}", field="steps")
+        for index, kind in enumerate(workflow.check(request.steps)):
+            capability = KINDS[kind].capability
+            if not caller.may_use(capability):
+                raise PermissionDenied(f"token scope '{' '.join(caller.scopes or ())}' does not include "
+                                       f"{capability} (steps[{index}])",
+                                       metadata={"tenant": caller.tenant, "scope": capability})
+        return [step.SerializeToString() for step in request.steps]
+
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
         caller = self._caller(context)
-        kind, model, raw = self._check(request, caller)
+        if request.steps:
+            steps = self._check_workflow(request, caller)
+            first = request.steps[0]
+            kind, model, raw = WORKFLOW, "", steps
+            first_model = getattr(first, first.WhichOneof("request")).model
+        else:
+            kind, model, raw = self._check(request, caller)
+            first_model = model
         job, created = await asyncio.to_thread(
-            self.store.create_job, caller.tenant, kind=kind, capability=KINDS[kind].capability, model=model,
+            self.store.create_job, caller.tenant, kind=kind,
+            capability=WORKFLOW if kind == WORKFLOW else KINDS[kind].capability, model=model,
             requests=raw, idempotency_key=request.idempotency_key, display_name=request.display_name)
-        if created:
-            await self.queue.put(Delivery(job.id, index, model) for index in range(job.total))
+        if created:  # a workflow's later steps are enqueued as the ones before succeed
+            count = 1 if kind == WORKFLOW else job.total
+            await self.queue.put(Delivery(job.id, index, first_model) for index in range(count))
         return pb.SubmitJobResponse(job=job_message(job))
 
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:

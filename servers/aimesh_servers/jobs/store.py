@@ -22,6 +22,7 @@ from ..tenancy.db import WRITE_LOCK_OPTION, job_items, jobs
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
+WORKFLOW = "workflow"  # the kind of a job whose items are steps run in order (jobs/workflow.py)
 
 
 class JobNotFound(LookupError):
@@ -81,6 +82,7 @@ class Claim:
     kind: str
     request: bytes
     attempt: int
+    previous_request: bytes | None = None  # a workflow step after the first: the step before
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,12 @@ class JobStore:
                 job_items.c.job_id == job_id, job_items.c.idx == index)).one_or_none()
             if item is None or item.state in FINAL:
                 return Refusal(done=True)
+            previous = None
+            if job.kind == WORKFLOW and index > 0:
+                previous = conn.execute(job_items.select().where(
+                    job_items.c.job_id == job_id, job_items.c.idx == index - 1)).one()
+                if previous.state != SUCCEEDED:  # too early: it is enqueued when that step succeeds
+                    return Refusal(done=True)
             if item.state == RUNNING and item.lease_until is not None and item.lease_until > now \
                     and item.leased_by != worker:
                 return Refusal(done=False, retry_at=item.lease_until)
@@ -236,7 +244,8 @@ class JobStore:
             if job.state == QUEUED:
                 conn.execute(jobs.update().where(jobs.c.id == job_id).values(state=RUNNING, started_at=now))
         return Claim(job_id=job_id, index=index, tenant=job.tenant, capability=job.capability,
-                     model=job.model, kind=job.kind, request=item.request, attempt=item.attempts + 1)
+                     model=job.model, kind=job.kind, request=item.request, attempt=item.attempts + 1,
+                     previous_request=previous.request if previous is not None else None)
 
     def renew(self, job_id: str, index: int, worker: str, lease: timedelta) -> bool:
         """Extends the worker's lease; False when it no longer holds the item (cancelled,
@@ -269,12 +278,31 @@ class JobStore:
             ).values(**values))
             if done.rowcount != 1:
                 return False
+            workflow = job.kind == WORKFLOW
+            if workflow and error is not None:  # a failed step ends its workflow
+                conn.execute(job_items.update().where(
+                    job_items.c.job_id == job_id, job_items.c.idx > index, job_items.c.state == QUEUED,
+                ).values(state=CANCELLED))
             counts = self._counts(conn, [job_id])[job_id]
             if job.state not in FINAL and not counts.get(QUEUED) and not counts.get(RUNNING):
+                succeeded = counts.get(SUCCEEDED, 0) == job.total if workflow else counts.get(SUCCEEDED)
                 conn.execute(jobs.update().where(jobs.c.id == job_id).values(
-                    state=SUCCEEDED if counts.get(SUCCEEDED) else FAILED,
-                    ended_at=now, expire_at=now + self.retention))
+                    state=SUCCEEDED if succeeded else FAILED, ended_at=now, expire_at=now + self.retention))
         return True
+
+    def next_step(self, job_id: str, index: int) -> bytes | None:
+        """A workflow's step after `index` when that one succeeded and the next still waits
+        (its request, to enqueue it); else None."""
+        with self.engine.connect() as conn:
+            job = conn.execute(jobs.select().where(jobs.c.id == job_id)).one_or_none()
+            if job is None or job.kind != WORKFLOW or job.state in FINAL:
+                return None
+            rows = {row.idx: row for row in conn.execute(job_items.select().where(
+                job_items.c.job_id == job_id, job_items.c.idx.in_((index, index + 1))))}
+        if index in rows and index + 1 in rows and rows[index].state == SUCCEEDED \
+                and rows[index + 1].state == QUEUED:
+            return rows[index + 1].request
+        return None
 
     def unfinished(self) -> list[tuple[str, int, str]]:
         """(job id, item, model) of every item still to run, oldest job first: re-enqueued

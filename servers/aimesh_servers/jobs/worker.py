@@ -20,16 +20,18 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+from aimesh.jobs.v1 import jobs_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from ..registry.schema import Registry
 from ..tenancy import keys
 from ..tenancy.store import TenantStore
-from .kinds import KINDS, job_response
+from . import workflow
+from .kinds import KINDS, Kind, job_response
 from .queue import Delivery, ItemQueue
 from .results import ResultStore, result_key
 from .settings import JobSettings
-from .store import Claim, ItemError, JobStore, Refusal
+from .store import WORKFLOW, Claim, ItemError, JobStore, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +133,16 @@ class JobRunner:
                                             self.lease)
             if isinstance(claim, Refusal):
                 if claim.done:
+                    # A workflow step that ended before (its worker died before enqueuing
+                    # the next one): enqueue that now.
+                    await self._follow(delivery.job_id, delivery.index)
                     await self.queue.ack(delivery)
                 else:  # another worker holds it: look again when its lease ends
                     await self.queue.retry_later(delivery, self.settings.lease_s)
                 return
             await self._run(claim)
+            if claim.kind == WORKFLOW:
+                await self._follow(claim.job_id, claim.index)
             await self.queue.ack(delivery)
         except asyncio.CancelledError:
             raise
@@ -145,8 +152,37 @@ class JobRunner:
         finally:
             slot.release()
 
+    async def _follow(self, job_id: str, index: int) -> None:
+        """Enqueues a workflow's next step once the step `index` has succeeded."""
+        request = await asyncio.to_thread(self.store.next_step, job_id, index)
+        if request is not None:
+            step = jobs_pb2.JobRequest.FromString(request)
+            model = getattr(step, step.WhichOneof("request")).model
+            await self.queue.put([Delivery(job_id, index + 1, model)])
+
+    def _resolve(self, claim: Claim) -> tuple[Kind, str, bytes]:
+        """The call to make: the claim's request, or a workflow step fed by the step before."""
+        if claim.kind != WORKFLOW:
+            return KINDS[claim.kind], claim.model, claim.request
+        step = jobs_pb2.JobRequest.FromString(claim.request)
+        if claim.previous_request is not None:
+            before = jobs_pb2.JobRequest.FromString(claim.previous_request)
+            answer = jobs_pb2.JobResponse.FromString(
+                self.results.get(result_key(claim.tenant, claim.job_id, claim.index - 1)))
+            step = workflow.feed(step, before.WhichOneof("request"), answer)
+        kind = step.WhichOneof("request")
+        request = getattr(step, kind)
+        return KINDS[kind], request.model, request.SerializeToString()
+
     async def _run(self, claim: Claim) -> None:
-        call = asyncio.create_task(self._call_with_retries(claim))
+        try:
+            kind, model, request = await asyncio.to_thread(self._resolve, claim)
+        except ValueError as exc:  # a workflow step got nothing it can take
+            status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc))
+            await asyncio.to_thread(self.store.finish, claim.job_id, claim.index, self.name,
+                                    error=ItemError("INVALID_FIELD", str(exc), status.SerializeToString()))
+            return
+        call = asyncio.create_task(self._call_with_retries(kind, model, request, claim.tenant))
         while True:
             done, _ = await asyncio.wait({call}, timeout=self.settings.lease_s / 3)
             if done:
@@ -168,22 +204,21 @@ class JobRunner:
             await asyncio.to_thread(self.results.put, key, outcome)
             await asyncio.to_thread(self.store.finish, claim.job_id, claim.index, self.name, result_key=key)
 
-    async def _call_with_retries(self, claim: Claim) -> bytes | ItemError:
-        kind = KINDS[claim.kind]
-        metadata = [("x-aimesh-model", claim.model)] if claim.model else []
+    async def _call_with_retries(self, kind: Kind, model: str, request: bytes, tenant: str) -> bytes | ItemError:
+        metadata = [("x-aimesh-model", model)] if model else []
         if self.token_for is not None:
-            token = await asyncio.to_thread(self.token_for, claim.tenant, kind.capability)
+            token = await asyncio.to_thread(self.token_for, tenant, kind.capability)
             metadata.append(("authorization", f"Bearer {token}"))
         delay = 1.0
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
                 if kind.streaming:
                     call = self._channel.unary_stream(kind.path)(
-                        claim.request, metadata=metadata, timeout=self.settings.item_timeout_s)
+                        request, metadata=metadata, timeout=self.settings.item_timeout_s)
                     messages = [message async for message in call]
                 else:
                     messages = [await self._channel.unary_unary(kind.path)(
-                        claim.request, metadata=metadata, timeout=self.settings.item_timeout_s)]
+                        request, metadata=metadata, timeout=self.settings.item_timeout_s)]
                 return job_response(kind, messages).SerializeToString()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in TRANSIENT or attempt == self.settings.max_attempts:

@@ -40,9 +40,11 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_RUNNING: _JobState.ValueType  # 2
     """At least one item has started and some have not finished."""
     JOB_STATE_SUCCEEDED: _JobState.ValueType  # 3
-    """Every item finished and at least one succeeded (progress.failed counts the others)."""
+    """Every item finished and at least one succeeded (progress.failed counts the others);
+    a workflow: every step succeeded.
+    """
     JOB_STATE_FAILED: _JobState.ValueType  # 4
-    """Every item finished and none succeeded."""
+    """Every item finished and none succeeded; a workflow: a step failed."""
     JOB_STATE_CANCELLED: _JobState.ValueType  # 5
     """Cancelled before every item finished."""
 
@@ -56,9 +58,11 @@ JOB_STATE_QUEUED: JobState.ValueType  # 1
 JOB_STATE_RUNNING: JobState.ValueType  # 2
 """At least one item has started and some have not finished."""
 JOB_STATE_SUCCEEDED: JobState.ValueType  # 3
-"""Every item finished and at least one succeeded (progress.failed counts the others)."""
+"""Every item finished and at least one succeeded (progress.failed counts the others);
+a workflow: every step succeeded.
+"""
 JOB_STATE_FAILED: JobState.ValueType  # 4
-"""Every item finished and none succeeded."""
+"""Every item finished and none succeeded; a workflow: a step failed."""
 JOB_STATE_CANCELLED: JobState.ValueType  # 5
 """Cancelled before every item finished."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
@@ -359,9 +363,11 @@ class Job(_message.Message):
     state: Global___JobState.ValueType
     """Where it stands."""
     capability: _builtins.str
-    """Capability short name of its requests: "text", "embedding", "image", "tts", "stt", "vision"."""
+    """Capability short name of its requests: "text", "embedding", "image", "tts", "stt",
+    "vision"; "workflow" for a workflow.
+    """
     model: _builtins.str
-    """Model its requests name."""
+    """Model its requests name (empty for a workflow: each step names its own)."""
     display_name: _builtins.str
     """The submitter's label."""
     idempotency_key: _builtins.str
@@ -456,13 +462,14 @@ Global___JobResult: _TypeAlias = JobResult  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):
-    """A job to run."""
+    """A job to run: `requests` (one call, or a batch) or `steps` (a workflow), not both."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Any string unique to this job for the tenant; a retried submit with the same key
     returns the job it made first.
@@ -475,16 +482,28 @@ class SubmitJobRequest(_message.Message):
         most the server's batch limit.
         """
 
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRequest]:
+        """A workflow: steps run in order, each step's output feeding the next step's input,
+        which the step leaves empty: text (a Generate answer, a Recognize transcript, a
+        DescribeImage caption, else its OCR text) feeds Generate (as a user message), Embed,
+        Synthesize or GenerateImage (as the prompt); Synthesize's audio (the joined WAV)
+        feeds Recognize; an image (the last of GenerateImage or TransformImage) feeds
+        DescribeImage or TransformImage. The chain is checked before anything runs; results
+        are per step (JobResult.index is the step), and a failed step ends the workflow.
+        """
+
     def __init__(
         self,
         *,
         requests: _abc.Iterable[Global___JobRequest] | None = ...,
         idempotency_key: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        steps: _abc.Iterable[Global___JobRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "idempotency_key", b"idempotency_key", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "idempotency_key", b"idempotency_key", "requests", b"requests", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
