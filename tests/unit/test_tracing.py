@@ -1,7 +1,10 @@
 """Server spans over a real in-process gRPC server (the real all-MiniLM-L6-v2 embedding
-model) exporting to a real OTLP/gRPC receiver, and the SDK's client span around the call."""
+model; the tiny random-weight SD with one slot) exporting to a real OTLP/gRPC receiver,
+and the SDK's client span around the call."""
 
 from __future__ import annotations
+
+import asyncio
 
 import aimesh
 import pytest
@@ -11,6 +14,7 @@ from opentelemetry import trace
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tests.otlp_receiver import OtlpReceiver, caller_tracing, running_receiver
+from tests.service.test_admission import QUICK, hog, image_server, until
 from tests.servers import in_process_server
 
 MODEL = embedding.DEFAULT_MODEL.id
@@ -60,3 +64,30 @@ async def test_a_call_continues_the_callers_trace_with_its_model_work(receiver: 
     assert [s.name for s in spans if s.parent_id == server_span.span_id] == ["embedding.batch"]
     assert by_name["embedding.batch"].attributes["aimesh.texts"] == 1
     assert client_span.attributes["rpc.grpc.status_code"] == 0
+
+
+async def read_all(call) -> list:
+    return [message async for message in call]
+
+
+async def test_a_queued_call_has_an_admission_span_and_a_cancelled_stream_a_cancelled_span(receiver):
+    async with image_server(otlp_endpoint=receiver.endpoint, max_queue=4, queue_timeout_s=120) as (server, stub):
+        async with hog(stub, server):  # holds the only slot with a stream cancelled at the end
+            queued = asyncio.ensure_future(read_all(stub.GenerateImage(QUICK, timeout=300)))
+            await until(lambda: server.limit.waiting == 1, "the second call queued")
+        await asyncio.wait_for(queued, 120)
+    spans = receiver.wait_for(
+        lambda got: any(s.name == "aimesh.admission" for s in got)
+        and sum(s.kind == SERVER and s.name.endswith("/GenerateImage") for s in got) >= 2,
+        "the queued call's admission span and both server spans")
+    admission = next(s for s in spans if s.name == "aimesh.admission")
+    assert admission.attributes["aimesh.queue.depth"] == 1 and admission.attributes["aimesh.queue.wait_ms"] > 0
+    queued_call = next(s for s in spans if s.span_id == admission.parent_id)
+    assert queued_call.attributes["rpc.grpc.status_code"] == 0
+    stages = {s.name: s for s in spans if s.parent_id == queued_call.span_id}
+    assert {"aimesh.admission", "image.diffusion", "aimesh.result"} == set(stages)
+    assert stages["image.diffusion"].attributes["aimesh.total_steps"] == QUICK.steps
+    hog_call = next(s for s in spans if s.kind == SERVER and s.attributes["rpc.grpc.status_code"] == 1)
+    assert hog_call.attributes["aimesh.finish_reason"] == "cancelled"
+    diffusion = next(s for s in spans if s.parent_id == hog_call.span_id and s.name == "image.diffusion")
+    assert diffusion.attributes["aimesh.cancelled"] is True

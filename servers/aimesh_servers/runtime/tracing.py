@@ -175,7 +175,7 @@ class _Stage(AbstractContextManager["_Stage"]):
         self.span = trace.child(name, attributes=attributes)
 
     def set(self, **attributes: Any) -> None:
-        self.span.set_attributes(attributes)
+        self.span.set_attributes({f"aimesh.{k}": v for k, v in attributes.items()})
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, Exception):
