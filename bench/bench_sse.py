@@ -35,6 +35,7 @@ import aimesh
 import common  # bench/common.py
 import httpx
 import yaml
+from aimesh_servers.mesh.tenancy_envoy import _LUA_ATTEMPT_CAP, LUA_FILTER
 from aimesh_servers.models import builtin
 from bench_openai_adapter import _Instant
 from bench_overhead import Envoy, _hcm, server_address
@@ -95,8 +96,17 @@ def _without_access_log(config: dict[str, Any]) -> None:
 
 # Copies of the generated config (tenancy off: its Lua routes HTTP/JSON calls by model,
 # which these need) with one part changed; all route to the same adapter.
+def _without_lua_response_hook(config: dict[str, Any]) -> None:
+    """The Lua filter without envoy_on_response (the attempt cap's)."""
+    for f in _filters(config):
+        if f["name"] == LUA_FILTER:
+            source = f["typed_config"]["default_source_code"]
+            source["inline_string"] = source["inline_string"].replace(_LUA_ATTEMPT_CAP, "")
+
+
 DISSECT: dict[str, Callable[[dict[str, Any]], None]] = {
     "aimesh config, as generated": lambda config: None,
+    "- lua response hook": _without_lua_response_hook,
     "transcoder + lua + router": _keep_filters("grpc_json_transcoder", "lua", "router"),
     "- header_mutation": _keep_filters("grpc_json_transcoder", "lua", "router", "jwt_authn"),
     "- access log": _without_access_log,
