@@ -36,10 +36,10 @@ import grpc
 import httpx
 from aimesh.embedding.v1 import embedding_pb2 as pb
 from aimesh.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from aimesh_servers.runtime.accounting import CallAccount
-from aimesh_servers.runtime.admission import Admission
 from aimesh_servers.mesh.envoy_config import MeshSpec, otlp_cluster, tracing
 from aimesh_servers.registry.schema import load_registry
+from aimesh_servers.runtime.accounting import CallAccount
+from aimesh_servers.runtime.admission import Admission
 from aimesh_servers.runtime.metrics import ServerMetrics
 from bench_overhead import Envoy, bare_envoy_config
 

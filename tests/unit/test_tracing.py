@@ -14,8 +14,8 @@ from opentelemetry import trace
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tests.otlp_receiver import OtlpReceiver, caller_tracing, running_receiver
-from tests.service.test_admission import QUICK, hog, image_server, until
 from tests.servers import in_process_server
+from tests.service.test_admission import QUICK, hog, image_server, until
 
 MODEL = embedding.DEFAULT_MODEL.id
 SERVER = trace_pb2.Span.SpanKind.SPAN_KIND_SERVER

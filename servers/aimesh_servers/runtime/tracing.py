@@ -177,7 +177,7 @@ class _Stage(AbstractContextManager["_Stage"]):
     def set(self, **attributes: Any) -> None:
         self.span.set_attributes({f"aimesh.{k}": v for k, v in attributes.items()})
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if isinstance(exc, Exception):
             self.span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         elif exc is not None:  # the caller left (GeneratorExit) or cancelled the call
