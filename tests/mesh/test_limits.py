@@ -6,6 +6,7 @@ limit reaches a real vision server."""
 from __future__ import annotations
 
 import base64
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ from aimesh_servers.mesh.envoy_config import BODY_LIMITS, MiB
 from aimesh_servers.registry.schema import Capability
 from PIL import Image
 
+from tests.conftest import VENV_BIN
 from tests.images import encode
 from tests.mesh.conftest import Mesh
 from tests.servers import ServerProcess
@@ -67,6 +69,14 @@ def test_an_oversized_text_request_is_refused_with_the_documented_error(mesh):
     body = reply.json()
     assert body["code"] == 3 and body["details"][0]["reason"] == "REQUEST_TOO_LARGE"
     assert body["details"][0]["metadata"]["limit_bytes"] == str(TEXT_LIMIT)
+
+
+def test_streams_of_the_control_server_are_not_buffered(mesh):
+    """Reflection is a bidirectional stream: buffered for a body limit, it would wait for an
+    end of request the client never sends."""
+    listed = subprocess.run([str(VENV_BIN / "grpcurl"), "-plaintext", mesh.front, "list"],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "aimesh.vision.v1.ImageToTextService" in listed.stdout, listed.stderr
 
 
 def test_an_image_larger_than_the_text_limit_reaches_a_vision_server(mesh):

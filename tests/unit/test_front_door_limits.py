@@ -45,6 +45,9 @@ def test_every_model_route_has_its_capabilitys_body_limit_and_live_audio_is_not_
             assert per_route["buffer"]["max_request_bytes"] == BODY_LIMITS[model.capability], route["name"]
     assert BODY_LIMITS[Capability.TEXT_GENERATION] < BODY_LIMITS[Capability.EMBEDDING] \
         < BODY_LIMITS[Capability.IMAGE_GENERATION]
+    # The control server's routes carry reflection, a bidirectional stream: never buffered.
+    control = [r for r in routes(spec) if r.get("route", {}).get("cluster") == "control"]
+    assert control and all(r["typed_per_filter_config"][BUFFER_FILTER]["disabled"] for r in control)
 
 
 def test_a_body_over_the_limit_is_answered_from_the_error_table(tmp_path):

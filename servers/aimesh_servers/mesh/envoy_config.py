@@ -368,7 +368,6 @@ BODY_LIMITS: dict[Capability, int] = {
     Capability.IMAGE_TO_TEXT: 32 * MiB,
     Capability.SPEECH_TO_TEXT: 32 * MiB,
 }
-CONTROL_BODY_LIMIT = 1 * MiB  # registry, tenant and usage APIs
 # An HTTP/JSON body carries bytes as base64 (4/3 larger) before the transcoder turns it
 # into gRPC; the per-route limits then apply to the gRPC bytes.
 HTTP_JSON_BODY_LIMIT = 48 * MiB
@@ -393,7 +392,10 @@ JOBS_SERVICE_PREFIX = "/aimesh.jobs.v1.JobService/"
 
 
 def _control_route(prefix: str, capability: str, public: bool, version: int) -> dict[str, Any]:
+    # Not buffered: reflection is a bidirectional stream (buffered, it would wait for an end
+    # of request that never comes); the control server's message limit bounds its calls.
     return {"match": {"prefix": prefix}, "route": {"cluster": CONTROL_CLUSTER, "timeout": "30s"},
+            "typed_per_filter_config": {BUFFER_FILTER: _typed(BUFFER_PER_ROUTE, disabled=True)},
             "metadata": route_metadata(capability, "", public, version)}
 
 
@@ -514,10 +516,12 @@ def http_filters(spec: MeshSpec, services: list[str]) -> list[dict[str, Any]]:
         )},
         *([jwt_filter(spec)] if spec.tenancy else []),
         lua_filter(spec.tenancy),
-        # Last before the router: the route (and its body limit) is known by then, and an
-        # oversized call is refused before any upstream sees a byte of it.
+        # Last before the router: the route (and its body limit, body_limit) is known by then
+        # (the Lua filter may have changed it), and an oversized call is refused before any
+        # upstream sees a byte of it. Routes without a limit of their own get the smallest.
         {"name": BUFFER_FILTER, "typed_config": _typed(
-            "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=CONTROL_BODY_LIMIT)},
+            "envoy.extensions.filters.http.buffer.v3.Buffer",
+            max_request_bytes=min(BODY_LIMITS.values()))},
         {"name": "envoy.filters.http.router", "typed_config": _typed(
             "envoy.extensions.filters.http.router.v3.Router")},
     ]
