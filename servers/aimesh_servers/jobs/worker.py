@@ -176,7 +176,9 @@ class JobRunner:
 
     async def _run(self, claim: Claim) -> None:
         try:
-            kind, model, request = await asyncio.to_thread(self._resolve, claim)
+            # Only a workflow step reads a file (the step before's result).
+            kind, model, request = (await asyncio.to_thread(self._resolve, claim) if claim.kind == WORKFLOW
+                                    else self._resolve(claim))
         except ValueError as exc:  # a workflow step got nothing it can take
             status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc))
             await asyncio.to_thread(self.store.finish, claim.job_id, claim.index, self.name,
@@ -197,12 +199,15 @@ class JobRunner:
         if isinstance(outcome, ItemError):
             await asyncio.to_thread(self.store.finish, claim.job_id, claim.index, self.name, error=outcome)
             return
+        await asyncio.to_thread(self._keep, claim, outcome)
+
+    def _keep(self, claim: Claim, result: bytes) -> None:
+        """Still ours? Then store the result, then mark it stored (a result the database
+        does not point to is never read). One thread hop for all three."""
         key = result_key(claim.tenant, claim.job_id, claim.index)
-        # Still ours? Then store the result, then mark it stored (a result the database
-        # does not point to is never read).
-        if await asyncio.to_thread(self.store.renew, claim.job_id, claim.index, self.name, self.lease):
-            await asyncio.to_thread(self.results.put, key, outcome)
-            await asyncio.to_thread(self.store.finish, claim.job_id, claim.index, self.name, result_key=key)
+        if self.store.renew(claim.job_id, claim.index, self.name, self.lease):
+            self.results.put(key, result)
+            self.store.finish(claim.job_id, claim.index, self.name, result_key=key)
 
     async def _call_with_retries(self, kind: Kind, model: str, request: bytes, tenant: str) -> bytes | ItemError:
         metadata = [("x-aimesh-model", model)] if model else []
