@@ -41,7 +41,8 @@ async def served(tmp_path_factory):
     store = JobStore(engine)
     queue = MemoryQueue()
     settings = JobSettings(max_items=10)
-    capability = JobCapability(JobServicer(store, FileResultStore(root / "results"), queue, settings, enforce=True))
+    capability = JobCapability(JobServicer(store, FileResultStore(root / "results"), queue, settings, enforce=True,
+                                           models=[EMBED, "smollm2-135m"]))
     async with in_process_server([capability]) as (server, _):
         target = f"127.0.0.1:{server.port}"
         channels = {name: grpc.aio.insecure_channel(target, interceptors=[AddHeaders(headers)])
@@ -101,6 +102,9 @@ async def test_bad_submits_are_refused_before_anything_is_stored(served):
     with pytest.raises(aimesh.InvalidArgumentError) as models:
         await acme.submit([*embeds(1), EmbedRequest(model="other", texts=["x"])])
     assert models.value.metadata["field"] == "requests[1].embed.model"
+    with pytest.raises(aimesh.NotFoundError) as unknown:
+        await acme.submit([EmbedRequest(model="no-such-model", texts=["x"])])
+    assert unknown.value.reason == "MODEL_NOT_FOUND" and EMBED in unknown.value.metadata["available"]
     with pytest.raises(aimesh.InvalidArgumentError):
         await acme.submit_workflow([EmbedRequest(model=EMBED), GenerateRequest(model="smollm2-135m")])
     with pytest.raises(aimesh.InvalidArgumentError):

@@ -10,7 +10,7 @@ in worker threads (SQLAlchemy is synchronous).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -22,7 +22,13 @@ from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..runtime.errors import DOMAIN, InvalidArgument, PermissionDenied, Unauthenticated
+from ..runtime.errors import (
+    DOMAIN,
+    InvalidArgument,
+    ModelNotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from ..tenancy.plans import ADMIN_SCOPE
 from . import store as st
 from . import workflow
@@ -101,7 +107,8 @@ def _job_id(name: str) -> str:
 
 class JobServicer(pb_grpc.JobServiceServicer):
     def __init__(self, store: JobStore, results: ResultStore, queue: ItemQueue,
-                 settings: JobSettings, enforce: bool) -> None:
+                 settings: JobSettings, enforce: bool, models: Collection[str] = ()) -> None:
+        self.models = frozenset(models)  # the registry's model ids; empty: not checked here
         self.store = store
         self.results = results
         self.queue = queue
@@ -160,7 +167,13 @@ class JobServicer(pb_grpc.JobServiceServicer):
         if not caller.may_use(capability):
             raise PermissionDenied(f"token scope '{' '.join(caller.scopes or ())}' does not include "
                                    f"{capability}", metadata={"tenant": caller.tenant, "scope": capability})
+        self._known(model, f"requests[0].{kind}.model")
         return kind, model, raw
+
+    def _known(self, model: str, field: str) -> None:
+        """An unknown model is refused at submit, not found out item by item."""
+        if model and self.models and model not in self.models:
+            raise ModelNotFound(model, sorted(self.models), field=field)
 
     def _check_workflow(self, request: pb.SubmitJobRequest, caller: Caller) -> list[bytes]:
         """The steps, serialized; InvalidArgument or PermissionDenied."""
@@ -171,6 +184,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
             raise InvalidArgument(f"{len(request.steps)} steps; a workflow takes at most "
                                   f"{self.settings.max_items}", field="steps")
         for index, kind in enumerate(workflow.check(request.steps)):
+            self._known(getattr(request.steps[index], kind).model, f"steps[{index}].{kind}.model")
             capability = KINDS[kind].capability
             if not caller.may_use(capability):
                 raise PermissionDenied(f"token scope '{' '.join(caller.scopes or ())}' does not include "

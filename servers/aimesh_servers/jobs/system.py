@@ -40,7 +40,8 @@ class JobSystem:
         self.queue: ItemQueue = (RedisQueue(redis_url, worker_id("-control"), settings.lease_s) if redis_url
                                  else MemoryQueue())
         self.token_for = TokenMinter(tenants) if enforce else None
-        self.capability = JobCapability(JobServicer(self.store, self.results, self.queue, settings, enforce))
+        self.capability = JobCapability(JobServicer(self.store, self.results, self.queue, settings, enforce,
+                                                    models=[model.id for model in registry.models]))
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
