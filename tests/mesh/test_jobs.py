@@ -124,6 +124,12 @@ def test_submit_over_http_and_resubmit_with_the_same_key(client: aimesh.Client, 
     assert events[-1] == "JOB_STATE_SUCCEEDED", events
     cancel = httpx.post(f"http://{mesh.front}/v1/{again.name}:cancel", json={}, headers=auth, timeout=30)
     assert cancel.status_code == 200 and cancel.json()["job"]["state"] == "JOB_STATE_SUCCEEDED", cancel.text
+    results = httpx.get(f"http://{mesh.front}/v1/{again.name}/results", params={"page_size": 5},
+                        headers=auth, timeout=30)
+    assert results.status_code == 200 and len(results.json()["results"][0]["response"]["embed"]["embeddings"]) == 1
+    listed = httpx.get(f"http://{mesh.front}/v1/jobs", params={"state": "JOB_STATE_SUCCEEDED"},
+                       headers=auth, timeout=30)
+    assert listed.status_code == 200 and again.name in [j["name"] for j in listed.json()["jobs"]], listed.text
     missing = httpx.get(f"http://{mesh.front}/v1/jobs/0000", headers=auth, timeout=30)
     assert missing.status_code == 404 and "JOB_NOT_FOUND" in missing.text, missing.text
     done = client.jobs.get(again)
