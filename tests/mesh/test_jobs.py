@@ -138,21 +138,30 @@ def test_submit_over_http_and_resubmit_with_the_same_key(client: aimesh.Client, 
     assert len(result.response.embed.embeddings[0].values) == 384 and result.attempts == 1
 
 
+def cancelled_text_calls(admin: aimesh.Client) -> int:
+    return sum(r.capability == "text" and r.status == "CANCELLED"
+               for r in admin.usage.iter_records(tenant="local", timeout=30))
+
+
 @pytest.mark.timeout(900)
-def test_cancel_stops_a_running_job(client: aimesh.Client) -> None:
-    job = client.jobs.submit(texts(40, max_tokens=48, tag="Slowly. "))
-    poll(lambda: client.jobs.get(job).progress.running >= 1, "an item to start", 300)
-    cancelled = client.jobs.cancel(job)
-    assert cancelled.state == pb.JOB_STATE_CANCELLED
-    assert cancelled.progress.cancelled > 0 and cancelled.progress.running == 0
-    assert client.jobs.cancel(job).state == pb.JOB_STATE_CANCELLED  # again: unchanged
-    # The workers move on (a later job runs) and nothing of the cancelled one ran since.
-    later = client.jobs.submit([EmbedRequest(model=EMBED, texts=["after the cancel"])])
-    assert client.jobs.wait(later, timeout=300).state == pb.JOB_STATE_SUCCEEDED
-    results = all_results(client, job)
-    assert sum(r.state == pb.ITEM_STATE_SUCCEEDED for r in results) == cancelled.progress.succeeded
-    assert not any(r.state in (pb.ITEM_STATE_RUNNING, pb.ITEM_STATE_QUEUED) for r in results)
-    assert client.jobs.get(job).progress == cancelled.progress
+def test_cancel_stops_a_running_job_and_its_call(client: aimesh.Client, mesh: Mesh) -> None:
+    with aimesh.Client(mesh.front, token=mesh.admin_token, timeout=30, max_attempts=1) as admin:
+        before = cancelled_text_calls(admin)
+        job = client.jobs.submit(texts(40, max_tokens=256, tag="Write a long story. "))
+        poll(lambda: client.jobs.get(job).progress.running >= 1, "an item to start", 300)
+        cancelled = client.jobs.cancel(job)
+        assert cancelled.state == pb.JOB_STATE_CANCELLED
+        assert cancelled.progress.cancelled > 0 and cancelled.progress.running == 0
+        assert client.jobs.cancel(job).state == pb.JOB_STATE_CANCELLED  # again: unchanged
+        # The workers move on (a later job runs) and nothing of the cancelled one ran since.
+        later = client.jobs.submit([EmbedRequest(model=EMBED, texts=["after the cancel"])])
+        assert client.jobs.wait(later, timeout=300).state == pb.JOB_STATE_SUCCEEDED
+        results = all_results(client, job)
+        assert sum(r.state == pb.ITEM_STATE_SUCCEEDED for r in results) == cancelled.progress.succeeded
+        assert not any(r.state in (pb.ITEM_STATE_RUNNING, pb.ITEM_STATE_QUEUED) for r in results)
+        assert client.jobs.get(job).progress == cancelled.progress
+        # The call in flight was cancelled too: the text server recorded it so.
+        poll(lambda: cancelled_text_calls(admin) > before, "a cancelled text call in the usage records", 120)
 
 
 def test_a_tenant_sees_and_cancels_only_its_own_jobs(client: aimesh.Client, mesh: Mesh) -> None:
