@@ -72,14 +72,30 @@ def test_a_call_refused_at_the_edge_is_recorded_without_waiting(collected) -> No
         "RESOURCE_EXHAUSTED", "RATE_LIMITED", "edge", 0, 0)
 
 
-def test_a_retried_call_counts_every_attempt_and_is_marked_as_fallen_back(collected) -> None:
+def test_a_retried_call_is_billed_for_the_attempt_that_answered(collected) -> None:
     collector, rows, _ = collected
     collector.server_report(report("r3", status="UNAVAILABLE", units=(40, 0)))
     collector.server_report(report("r3", pool="cloud"))
     collector.edge_line(edge("r3", attempts=2))
     (row,) = rows
     assert row.pool == "cloud" and row.fell_back and row.status == "OK"
-    assert row.input_units == 80  # both attempts read the prompt
+    assert row.input_units == 40  # the failed try's work is the mesh's, not the tenant's
+
+
+def test_a_hedged_call_waits_for_every_attempt_and_a_late_report_is_not_a_second_call(collected) -> None:
+    collector, rows, _ = collected
+    collector.server_report(report("r7", status="CANCELLED", units=(40, 3)))  # the hedge's loser
+    collector.edge_line(edge("r7", attempts=3))
+    assert rows == []  # two attempts reported so far: the answer's report is still to come
+    collector.server_report(report("r7", pool="cloud"))
+    assert rows == []
+    collector.server_report(report("r7", status="CANCELLED", units=(40, 1)))
+    (row,) = rows
+    assert (row.status, row.pool, row.input_units, row.output_units) == ("OK", "cloud", 40, 8)
+    collector.server_report(report("r7", status="CANCELLED", units=(40, 2)))  # later still
+    time.sleep(0.3)  # past the join window given to this collector (0.2 s)
+    collector.expire()
+    assert len(rows) == 1
 
 
 def test_late_or_lone_halves_are_recorded_after_the_join_window(collected) -> None:

@@ -7,9 +7,12 @@ Two views of a call meet here, joined by Envoy's request id:
 - the front door's (Envoy's JSON access log, tailed): the verified tenant, the model
   asked for, the whole call's duration and status, retries, and the calls Envoy answered
   itself (no token, refused by admission, no healthy server) which no server saw.
-A call with an upstream waits up to `join_window_s` for its server report; a server
-report that never meets a log line (a call made straight to a server, not through the
-front door) is recorded alone. Each finished record gets its cost from the registry's
+A call with an upstream waits up to `join_window_s` for the reports of all its attempts
+(Envoy's log says how many); a server report that never meets a log line (a call made
+straight to a server, not through the front door) is recorded alone, and one that comes
+after its call was recorded (an abandoned attempt reporting late) is dropped. A call is
+billed for the attempt whose answer the caller got: the work of attempts the mesh
+abandoned (a failed try before a fallback, the loser of a hedge) is the mesh's cost. Each finished record gets its cost from the registry's
 prices, goes to the recorder (batched to the database) and is charged to the tenant's
 limits and budget.
 """
@@ -102,6 +105,9 @@ class _Pending:
 Charge = Callable[[UsageRow, float], None]  # (row, counted units) -> None
 
 
+RECORDED_IDS_KEPT = 50_000  # past this many, ids older than 10 join windows are forgotten
+
+
 class UsageCollector:
     """Joins the two views of each call and emits one UsageRow per call."""
 
@@ -112,6 +118,9 @@ class UsageCollector:
         self.charge = charge
         self.join_window_s = join_window_s
         self._pending: dict[str, _Pending] = {}
+        # Request ids recorded lately (monotonic time), so a late attempt report is not
+        # recorded as a second call.
+        self._recorded: dict[str, float] = {}
         self._lock = threading.Lock()
         self.records = 0
         # Joining, pricing and charging (which may wait on Redis) run on one thread of
@@ -155,9 +164,12 @@ class UsageCollector:
             self._finish(_Pending(reports=[record]))
             return
         with self._lock:
+            if record.request_id in self._recorded:
+                log.debug("late report of an abandoned attempt of %s dropped", record.request_id)
+                return
             pending = self._pending.setdefault(record.request_id, _Pending())
             pending.reports.append(record)
-            ready = pending.edge is not None
+            ready = pending.edge is not None and len(pending.reports) >= _attempts(pending.edge)
             if ready:
                 del self._pending[record.request_id]
         if ready:
@@ -171,8 +183,8 @@ class UsageCollector:
             if pending is None:
                 pending = _Pending()
             pending.edge = line
-            if reached_server and not pending.reports:
-                self._pending[request_id] = pending  # wait for the server's report
+            if reached_server and len(pending.reports) < _attempts(line):
+                self._pending[request_id] = pending  # wait for every attempt's report
                 return
         self._finish(pending)
 
@@ -194,6 +206,15 @@ class UsageCollector:
     # -- the joined record ----------------------------------------------------------
 
     def _finish(self, pending: _Pending) -> None:
+        request_id = (pending.edge or {}).get("request_id") or (
+            pending.reports[0].request_id if pending.reports else "")
+        if request_id:
+            now = time.monotonic()
+            with self._lock:
+                self._recorded[request_id] = now
+                if len(self._recorded) > RECORDED_IDS_KEPT:
+                    horizon = now - 10 * self.join_window_s
+                    self._recorded = {k: t for k, t in self._recorded.items() if t > horizon}
         try:
             row = self._row(pending)
         except Exception:  # a malformed line must not stop the collector
@@ -217,15 +238,15 @@ class UsageCollector:
         if capability in ("registry",) and final is None:
             return None  # model listing through the front door is free and not metered
         unit = final.unit if final else ""
-        input_units = sum(r.input_units for r in reports if r.unit == unit)
-        output_units = sum(r.output_units for r in reports if r.unit == unit)
+        input_units = final.input_units if final else 0.0
+        output_units = final.output_units if final else 0.0
         requested = edge.get("model") or (final.requested_model if final else "")
         served_model = final.served_model if final else ""
         model = self.registry.get(served_model or requested) if (served_model or requested) else None
         prices = dict(model.prices) if model else {}
         pool = final.pool if final else ""
         first_pool = model.pools[0].id if model and model.pools else pool
-        attempts = int(edge.get("attempts") or 1) if edge else 1
+        attempts = _attempts(edge) if edge else 1
         # The server knows how its call ended; Envoy's view of a transcoded call is only an
         # HTTP status, and it alone knows the calls no server saw.
         status = final.status if final is not None else edge_status(edge)
@@ -264,6 +285,13 @@ class UsageCollector:
             trace_id=trace.split("-")[1] if trace.count("-") >= 3 else "",
             origin="cache" if from_cache else "server" if final is not None else "edge",
         )
+
+
+def _attempts(edge: dict[str, Any]) -> int:
+    try:
+        return max(1, int(edge.get("attempts") or 1))
+    except ValueError:  # "-": Envoy made no upstream attempt
+        return 1
 
 
 def _split_method(path: str) -> tuple[str, str]:
