@@ -103,6 +103,7 @@ TABLE: dict[str, ErrorSpec] = {
     "TENANT_NOT_FOUND": ErrorSpec(C.NOT_FOUND, False),
     "TOKEN_NOT_FOUND": ErrorSpec(C.NOT_FOUND, False),
     "TENANT_ALREADY_EXISTS": ErrorSpec(C.ALREADY_EXISTS, False),
+    "JOB_NOT_FOUND": ErrorSpec(C.NOT_FOUND, False),
     # Envoy's answer to a body over its capability's limit (never retried: it stays too large).
     "REQUEST_TOO_LARGE": ErrorSpec(C.INVALID_ARGUMENT, False, http=413),
 }

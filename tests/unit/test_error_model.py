@@ -105,7 +105,8 @@ def _raise(name: str) -> None:
     cls = ERRORS[name]
     if cls is errors.ModelNotFound:
         raise cls("nope", ["a", "b"])
-    if cls in (errors.TenantNotFound, errors.TokenNotFound, errors.TenantAlreadyExists):
+    if cls in (errors.TenantNotFound, errors.TokenNotFound, errors.TenantAlreadyExists,
+               errors.JobNotFound):
         raise cls("t1")
     raise cls(f"{name} happened", field="prompt", metadata={"k": "v"}, retry_after_s=1.5)
 
@@ -151,7 +152,7 @@ async def test_each_domain_error_reaches_the_sdk_with_the_tables_code_and_class(
     assert type(error) is SDK_CLASS.get(error.code.name, aimesh.AimeshError)
     assert error.retryable == (row.retryable and expected == row.code)
     if cls not in (errors.ModelNotFound, errors.TenantNotFound, errors.TokenNotFound,
-                   errors.TenantAlreadyExists):
+                   errors.TenantAlreadyExists, errors.JobNotFound):
         assert error.metadata == {"k": "v", "field": "prompt"} and error.retry_after_s == 1.5
         assert error.field_violations == {"prompt": f"{name} happened"}
 

@@ -10,20 +10,16 @@ in worker threads (SQLAlchemy is synchronous).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
 
 import grpc
 from aimesh.jobs.v1 import jobs_pb2 as pb
 from aimesh.jobs.v1 import jobs_pb2_grpc as pb_grpc
 from google.protobuf import timestamp_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from ..runtime.errors import (
-    DOMAIN,
     InvalidArgument,
     ModelNotFound,
     PermissionDenied,
@@ -36,7 +32,7 @@ from .kinds import KINDS
 from .queue import Delivery, ItemQueue
 from .results import ResultStore
 from .settings import JobSettings
-from .store import WORKFLOW, ItemRecord, JobNotFound, JobRecord, JobStore
+from .store import WORKFLOW, ItemRecord, JobRecord, JobStore
 
 TENANT_HEADER = "x-aimesh-tenant"
 SCOPES_HEADER = "x-aimesh-scopes"
@@ -44,7 +40,6 @@ LOCAL_TENANT = "local"  # everyone, when tenancy is off
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 MAX_KEY_LENGTH = 256
 WATCH_POLL_S = 0.25  # WatchJob reads the database (any worker process may change a job)
-T = TypeVar("T")
 
 STATE_TO_PB = {st.QUEUED: pb.JOB_STATE_QUEUED, st.RUNNING: pb.JOB_STATE_RUNNING,
                st.SUCCEEDED: pb.JOB_STATE_SUCCEEDED, st.FAILED: pb.JOB_STATE_FAILED,
@@ -124,19 +119,6 @@ class JobServicer(pb_grpc.JobServiceServicer):
             raise Unauthenticated("no verified tenant: call through the front door with a token")
         return Caller(tenant=tenant, scopes=tuple(headers.get(SCOPES_HEADER, "").split()))
 
-    @staticmethod
-    async def _found(context: grpc.aio.ServicerContext, work: Callable[[], T]) -> T:
-        """Runs a store call; a missing job (or another tenant's) is NOT_FOUND."""
-        try:
-            return await asyncio.to_thread(work)
-        except JobNotFound as exc:
-            info = error_details_pb2.ErrorInfo(reason="JOB_NOT_FOUND", domain=DOMAIN,
-                                               metadata={"name": exc.name})
-            status = status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(exc))
-            status.details.add().Pack(info)
-            await context.abort_with_status(rpc_status.to_status(status))
-            raise  # abort_with_status raises; this line is never reached
-
     def _check(self, request: pb.SubmitJobRequest, caller: Caller) -> tuple[str, str, list[bytes]]:
         """(kind, model, serialized requests); InvalidArgument or PermissionDenied."""
         if not request.requests:
@@ -213,7 +195,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
         caller, job_id = self._caller(context), _job_id(request.name)
-        job = await self._found(context, lambda: self.store.get_job(caller.tenant, job_id))
+        job = await asyncio.to_thread(lambda: self.store.get_job(caller.tenant, job_id))
         return pb.GetJobResponse(job=job_message(job))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
@@ -228,14 +210,14 @@ class JobServicer(pb_grpc.JobServiceServicer):
 
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
         caller, job_id = self._caller(context), _job_id(request.name)
-        job = await self._found(context, lambda: self.store.cancel_job(caller.tenant, job_id))
+        job = await asyncio.to_thread(lambda: self.store.cancel_job(caller.tenant, job_id))
         return pb.CancelJobResponse(job=job_message(job))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context):  # type: ignore[no-untyped-def]
         caller, job_id = self._caller(context), _job_id(request.name)
         last = None
         while True:
-            job = await self._found(context, lambda: self.store.get_job(caller.tenant, job_id))
+            job = await asyncio.to_thread(lambda: self.store.get_job(caller.tenant, job_id))
             message = job_message(job)
             if message != last:
                 yield pb.WatchJobResponse(job=message)
@@ -247,7 +229,7 @@ class JobServicer(pb_grpc.JobServiceServicer):
     async def ListJobResults(self, request: pb.ListJobResultsRequest, context) -> pb.ListJobResultsResponse:
         caller, job_id = self._caller(context), _job_id(request.name)
         size, start = _page_size(request.page_size, 100, 1000), _page(request.page_token)
-        items = await self._found(context, lambda: self.store.list_items(caller.tenant, job_id, start=start,
+        items = await asyncio.to_thread(lambda: self.store.list_items(caller.tenant, job_id, start=start,
                                                                          limit=size + 1))
         results = await asyncio.to_thread(lambda: [self._result(item) for item in items[:size]])
         more = len(items) > size

@@ -18,19 +18,12 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from ..runtime.errors import JobNotFound
 from ..tenancy.db import WRITE_LOCK_OPTION, job_items, jobs
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
 WORKFLOW = "workflow"  # the kind of a job whose items are steps run in order (jobs/workflow.py)
-
-
-class JobNotFound(LookupError):
-    """No such job for this tenant (another tenant's job is not found either)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no job {name!r}")
-        self.name = name
 
 
 @dataclass(frozen=True)

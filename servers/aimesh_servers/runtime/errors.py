@@ -128,6 +128,16 @@ class TokenNotFound(AimeshError):
                          metadata={"token_id": token_id})
 
 
+class JobNotFound(AimeshError):
+    """No such job for this tenant (another tenant's job is not found either)."""
+
+    reason = common_pb2.ERROR_REASON_JOB_NOT_FOUND
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no job {name!r}", field="name", metadata={"name": name})
+        self.name = name
+
+
 class TenantAlreadyExists(AimeshError):
     reason = common_pb2.ERROR_REASON_TENANT_ALREADY_EXISTS
 

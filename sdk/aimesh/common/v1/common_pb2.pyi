@@ -63,6 +63,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The request is larger than the front door accepts for its capability;
     metadata["limit_bytes"] gives the limit.
     """
+    ERROR_REASON_JOB_NOT_FOUND: _ErrorReason.ValueType  # 19
+    """The named job does not exist, or belongs to another tenant; metadata["name"] names it."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable machine-readable reasons carried in google.rpc.ErrorInfo.reason
@@ -109,6 +111,8 @@ ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 18
 """The request is larger than the front door accepts for its capability;
 metadata["limit_bytes"] gives the limit.
 """
+ERROR_REASON_JOB_NOT_FOUND: ErrorReason.ValueType  # 19
+"""The named job does not exist, or belongs to another tenant; metadata["name"] names it."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
