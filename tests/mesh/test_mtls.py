@@ -26,6 +26,8 @@ from typing import Any
 import aimesh
 import grpc
 import pytest
+from aimesh.embedding.v1 import embedding_pb2
+from aimesh.jobs.v1 import jobs_pb2
 from aimesh_servers.mesh.certs import (
     CONTROL,
     ENVOY,
@@ -163,6 +165,24 @@ def test_calls_go_through_envoy_over_mutual_tls(tls_mesh):
         assert len(json.load(reply)["embeddings"][0]["values"]) == 384
     # Usage went from the model server to control over mutual TLS.
     poll(lambda: server_reports(tls_mesh.mesh.state_dir / "aimesh.db") >= 2, "the servers' usage reports")
+
+
+def test_status_and_job_workers_speak_tls_where_the_mesh_does(tls_mesh):
+    """aimesh status probes the servers with the mesh's client certificate and reads the
+    registry over the front door's TLS; the job worker calls the TLS front door."""
+    mesh = tls_mesh.mesh
+    out = subprocess.run(
+        [sys.executable, "-m", "aimesh_servers.cli", "status", "--json", "--front", f"127.0.0.1:{mesh.port}",
+         "--admin-port", str(mesh.admin_port), "--state-dir", str(mesh.state_dir)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    (model,) = [m for m in json.loads(out.stdout)["models"] if m["id"] == MODEL]
+    states = [e["state"] for pool in model["pools"] for e in pool["endpoints"]]
+    assert states and set(states) == {"up"}, states
+    with tls_mesh.client() as client:
+        job = client.jobs.submit([embedding_pb2.EmbedRequest(model=MODEL, texts=["over TLS"])])
+        done = client.jobs.wait(job, timeout=120)
+    assert done.state == jobs_pb2.JOB_STATE_SUCCEEDED, done
 
 
 def server_reports(db: Path) -> int:

@@ -38,6 +38,7 @@ def add_worker_parser(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("--workers", type=int, default=1,
                         help="worker processes sharing the batch share of each model (default 1)")
     worker.add_argument("--no-tenancy", action="store_true", help="call without tokens")
+    worker.add_argument("--front-cert", help="the front door serves TLS with this certificate (PEM)")
     worker.set_defaults(func=run_worker)
 
 
@@ -56,7 +57,7 @@ async def _work(args: argparse.Namespace) -> int:
         JobStore(engine), FileResultStore(results_dir(args.state_dir)),
         RedisQueue(args.redis, worker_id(), settings.lease_s), args.front, settings,
         model_limits(load_registry(args.registry), settings.batch_share, args.workers),
-        None if args.no_tenancy else TokenMinter(TenantStore(engine)))
+        None if args.no_tenancy else TokenMinter(TenantStore(engine)), front_cert=args.front_cert)
     task = asyncio.create_task(runner.run())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -80,6 +81,8 @@ async def supervise_workers(count: int, args: argparse.Namespace, front: str, st
         command += ["--registry", args.registry]
     if args.no_tenancy:
         command.append("--no-tenancy")
+    if args.tls_cert:
+        command += ["--front-cert", str(Path(args.tls_cert).resolve())]
 
     async def one(index: int) -> None:
         log_path = state / "logs" / f"job-worker-{index}.log"

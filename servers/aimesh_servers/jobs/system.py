@@ -30,10 +30,12 @@ def results_dir(state_dir: str | Path) -> Path:
 
 class JobSystem:
     def __init__(self, registry: Registry, engine: Engine, tenants: TenantStore, *, state_dir: Path,
-                 front: str, enforce: bool, redis_url: str | None, settings: JobSettings) -> None:
+                 front: str, enforce: bool, redis_url: str | None, settings: JobSettings,
+                 front_cert: str | None = None) -> None:
         self.registry = registry
         self.settings = settings
         self.front = front
+        self.front_cert = front_cert
         self.redis_url = redis_url
         self.store = JobStore(engine, retention=timedelta(seconds=settings.retention_s))
         self.results = FileResultStore(results_dir(state_dir))
@@ -54,7 +56,8 @@ class JobSystem:
         self._tasks.append(asyncio.create_task(self._sweep()))
         if self.redis_url is None:
             runner = JobRunner(self.store, self.results, self.queue, self.front, self.settings,
-                               model_limits(self.registry, self.settings.batch_share), self.token_for)
+                               model_limits(self.registry, self.settings.batch_share), self.token_for,
+                               front_cert=self.front_cert)
             self._tasks.append(asyncio.create_task(runner.run()))
 
     async def _sweep(self) -> None:

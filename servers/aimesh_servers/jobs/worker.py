@@ -23,6 +23,7 @@ import grpc
 from aimesh.jobs.v1 import jobs_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from ..mesh.access import MeshAccess
 from ..registry.schema import Registry
 from ..tenancy import keys
 from ..tenancy.store import TenantStore
@@ -91,7 +92,8 @@ def error_of(exc: grpc.aio.AioRpcError) -> ItemError:
 class JobRunner:
     def __init__(self, store: JobStore, results: ResultStore, queue: ItemQueue, front: str,
                  settings: JobSettings, limits: Mapping[str, int],
-                 token_for: Callable[[str, str], str] | None, name: str | None = None) -> None:
+                 token_for: Callable[[str, str], str] | None, name: str | None = None,
+                 front_cert: str | None = None) -> None:
         self.store = store
         self.results = results
         self.queue = queue
@@ -101,7 +103,8 @@ class JobRunner:
         self.lease = timedelta(seconds=settings.lease_s)
         self._limits = dict(limits)
         self._slots: dict[str, asyncio.Semaphore] = {}
-        self._channel = grpc.aio.insecure_channel(front, options=[
+        # front_cert: the front door serves TLS with this certificate (aimesh up --tls-cert).
+        self._channel = MeshAccess(front_cert=front_cert).front_channel(front, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024)])
         self._tasks: set[asyncio.Task[None]] = set()

@@ -50,6 +50,7 @@ from ..registry.discovery import _alive
 from ..registry.schema import Registry
 from ..tenancy.collector import edge_status
 from ..tenancy.db import usage_records
+from .access import MeshAccess
 
 WINDOW_S = 60.0
 PROBE_TIMEOUT_S = 0.5
@@ -187,9 +188,9 @@ class ModelStatus:
     fallback_rate: float = 0.0
 
 
-def _probe(address: str) -> str:
+def _probe(address: str, access: MeshAccess) -> str:
     """The endpoint's own gRPC health answer: up, not_serving, or down."""
-    with grpc.insecure_channel(address) as channel:
+    with access.server_channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
@@ -409,8 +410,10 @@ class LiveFigures:
 
 def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:
     """One look at the mesh. Raises RuntimeError when the front door does not answer."""
+    access = MeshAccess.read(state_dir)
     try:
-        models = httpx.get(f"http://{front}/v1/models", timeout=5).json()["models"]
+        models = httpx.get(access.front_url(front, "/v1/models"), timeout=5,
+                           verify=access.http_verify()).json()["models"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         raise RuntimeError(f"the front door {front} does not answer GET /v1/models: {exc}") from exc
     clusters = envoy_hosts(admin_url) or {}
@@ -450,7 +453,8 @@ def collect(front: str, admin_url: str, state_dir: Path) -> list[ModelStatus]:
         out.append(stats)
     if probed:
         with ThreadPoolExecutor(min(16, len(probed))) as probes:
-            for row, state in zip(probed, probes.map(_probe, [r.address for r in probed])):
+            for row, state in zip(probed, probes.map(partial(_probe, access=access),
+                                                     [r.address for r in probed])):
                 row.state = state
     return out
 

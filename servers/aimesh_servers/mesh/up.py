@@ -37,6 +37,7 @@ from ..runtime.settings import ServerSettings
 from ..tenancy.bootstrap import LocalAccess
 from ..tenancy.plane import TenancyPlane, TenancySettings, load_issuers
 from . import envoy_process
+from .access import MeshAccess
 from .certs import CONTROL, MODEL_SERVER, CertStore, ensure
 from .children import terminate_with_parent
 from .controller import EndpointController
@@ -305,6 +306,9 @@ async def _run(args: argparse.Namespace) -> int:
     # services are served by it: bind first, build the plane, then start serving.
     control_port = _free_port()
     certs, front_tls = _mesh_tls(args, state)
+    # aimesh status, the operator page and job workers speak TLS where the mesh does.
+    MeshAccess(front_cert=str(front_tls[0]) if front_tls else None,
+               mesh_certs=str(certs.root) if certs else None).write(state)
     server_tls_env = {f"AIMESH_{k.upper()}": str(v) for k, v in _tls_settings(certs, MODEL_SERVER).items()}
     readiness = ReadinessServer(registry, f"http://127.0.0.1:{args.admin_port}")
     spec = MeshSpec(registry=registry, state_dir=state, control_port=control_port,

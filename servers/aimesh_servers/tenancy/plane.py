@@ -107,7 +107,8 @@ class TenancyPlane:
         # Jobs share this database; their workers start once the front door routes (up.py).
         self.jobs = JobSystem(registry, self.engine, self.store, state_dir=spec.state_dir,
                               front=f"127.0.0.1:{spec.port}", enforce=settings.enforce,
-                              redis_url=settings.redis_url, settings=JobSettings.from_env())
+                              redis_url=settings.redis_url, settings=JobSettings.from_env(),
+                              front_cert=str(spec.front_tls[0]) if spec.front_tls else None)
         self.capabilities.append(self.jobs.capability)
         self._jwks_written: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
