@@ -9,8 +9,7 @@ import io
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aimesh
@@ -24,23 +23,13 @@ from aimesh.text.v1.text_generation_pb2 import ROLE_USER, ChatMessage, GenerateR
 
 from tests.infra import redis_server
 from tests.mesh.conftest import Mesh
+from tests.polling import poll
 
 pytestmark = pytest.mark.mesh
 
 TEXT = "smollm2-135m"
 EMBED = "all-minilm-l6-v2"
 LEASE_S = "3"  # a killed worker's items go to another after this
-
-
-def poll(check: Callable[[], object], what: str, timeout: float = 120.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 def texts(count: int, max_tokens: int = 4, tag: str = "") -> list[GenerateRequest]:

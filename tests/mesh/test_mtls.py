@@ -17,11 +17,9 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aimesh
 import grpc
@@ -40,6 +38,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.mesh.conftest import Mesh
+from tests.polling import poll
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -53,17 +52,6 @@ models:
     pools:
       - {{id: local, serve: embedding, replicas: 1}}
 """
-
-
-def poll(probe: Callable[[], Any], what: str, timeout: float = 90, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 class TlsMesh:

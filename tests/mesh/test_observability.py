@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,26 +22,15 @@ import httpx
 import pytest
 import yaml
 
+from tests import polling
 from tests.mesh.conftest import Mesh, free_port
 
 MODEL = "all-minilm-l6-v2"
 
 
-def poll(probe: Callable[[], Any], what: str, timeout: float = 90, interval: float = 0.3) -> Any:
-    """probe() until it returns something truthy; fails with the last thing it returned."""
-    deadline = time.monotonic() + timeout
-    seen: Any = None
-    while time.monotonic() < deadline:
-        try:
-            seen = probe()
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            seen = exc
-        else:
-            if seen:
-                return seen
-        time.sleep(interval)
-    raise AssertionError(f"{what}: never held; last seen {seen!r}")
-
+def poll(probe: Callable[[], Any], what: str, timeout: float = 90, every: float = 0.3) -> Any:
+    """Like tests.polling.poll; a front door or Prometheus not answering yet is "not yet"."""
+    return polling.poll(probe, what, timeout, every, ignore=(httpx.HTTPError, ValueError, KeyError))
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
@@ -181,7 +169,7 @@ def test_probes_and_status_follow_a_killed_server(mesh: Mesh):
             reply = httpx.get(f"{front}/readyz", timeout=10)
             return reply.json() if reply.status_code == 503 else None
 
-        body = poll(not_ready, "readyz 503", interval=0.1)
+        body = poll(not_ready, "readyz 503", every=0.1)
         assert body["models_without_healthy_endpoint"] == [MODEL]
         assert httpx.get(f"{front}/healthz", timeout=10).status_code == 200  # Envoy still runs
         # aimesh up restarts a crashed server (1 s backoff, then it loads): until then the

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import aimesh
 import httpx
@@ -17,6 +15,7 @@ from aimesh.registry.v1 import registry_pb2 as pb
 from aimesh_servers.mesh.status import envoy_hosts
 
 from tests.mesh.conftest import Mesh
+from tests.polling import poll
 
 REGISTRY = """
 kind: aimesh/registry/v1
@@ -30,17 +29,6 @@ models:
       - {id: secondary, serve: embedding, replicas: 1}
 """
 CALLS = 5
-
-
-def poll(probe: Callable[[], Any], what: str, timeout: float = 90, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last seen: {last}")
 
 
 @pytest.fixture(scope="module")

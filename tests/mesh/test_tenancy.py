@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aimesh
@@ -26,23 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tests.conftest import VENV_BIN
 from tests.infra import redis_server
 from tests.mesh.conftest import Mesh
+from tests.polling import poll
 
 pytestmark = pytest.mark.mesh
 
 EMBED = "all-minilm-l6-v2"
 TEXT = "smollm2-135m"
 HI = [("user", "Say hello.")]
-
-
-def poll(check: Callable[[], object], what: str, timeout: float = 60.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(every)
 
 
 def away_from_window_edge(window_s: int, margin_s: float = 120.0) -> None:
