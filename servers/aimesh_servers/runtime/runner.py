@@ -54,7 +54,8 @@ class ModelServer:
         self.server: grpc.aio.Server | None = None  # made in start(): it binds to the running loop
         self.port = 0
         self.registrar: Registrar | None = (
-            ConsulRegistrar(settings.consul_http_addr) if settings.consul_http_addr
+            ConsulRegistrar(settings.consul_http_addr, tls=settings.tls_cert is not None)
+            if settings.consul_http_addr
             else LocalRegistrar(settings.registry_dir) if settings.registry_dir else None
         )
         self.instances: list[Instance] = []
