@@ -2,7 +2,11 @@
 
 ConsulRegistrar (used by ModelServer when AIMESH_CONSUL_HTTP_ADDR is set) registers
 each instance as service `aimesh-model-server` with its tags and a gRPC health check
-that the agent itself runs; it deregisters at the start of drain. A server that dies
+that the agent itself runs; it deregisters at the start of drain. A server that serves
+mutual TLS gets a TLS check (GRPCUseTLS, TLSServerName `model-server`, the name every
+model server's mesh certificate carries whatever address it is checked at): the agent
+then needs `enable_agent_tls_for_checks` and a mesh client certificate in its TLS
+settings (consul/tls.hcl), which Consul presents on its checks. A server that dies
 without draining turns critical at its next check and leaves the passing list; the
 agent removes its registration after DEREGISTER_CRITICAL_AFTER.
 
@@ -43,6 +47,7 @@ import consul
 import consul.aio
 import requests
 
+from ..mesh.certs import MODEL_SERVER
 from .discovery import SERVICE_NAME, Instance
 
 log = logging.getLogger(__name__)
@@ -99,12 +104,14 @@ def parse_http_addr(addr: str) -> tuple[str, int, str]:
 class ConsulRegistrar:
     """Registers instances with the Consul agent at `http_addr` (agent HTTP API). Blocking
     HTTP: callers on an event loop run it in a thread. Token and secret default to the
-    environment's (see the module doc)."""
+    environment's (see the module doc); `tls`: the servers serve mutual TLS, so the
+    agent checks them over TLS."""
 
     def __init__(self, http_addr: str, timeout_s: float = 5.0, token: str | None = None,
-                 secret: str | None = None) -> None:
+                 secret: str | None = None, tls: bool = False) -> None:
         host, port, scheme = parse_http_addr(http_addr)
         self.http_addr = http_addr
+        self.tls = tls
         self.secret = secret or mesh_secret()
         self.client = consul.Consul(host=host, port=port, scheme=scheme, connections_timeout=timeout_s,
                                     token=token or consul_token())
@@ -114,6 +121,8 @@ class ConsulRegistrar:
             f"{instance.address}:{instance.port}/{instance.grpc_service}",
             interval=CHECK_INTERVAL, timeout=CHECK_TIMEOUT, deregister=DEREGISTER_CRITICAL_AFTER,
         )
+        if self.tls:
+            check |= {"GRPCUseTLS": True, "TLSServerName": MODEL_SERVER}
         meta = ({SIGNATURE_META: signature(self.secret, instance.id, instance.address, instance.port,
                                            instance.tags)} if self.secret else None)
         try:
