@@ -17,10 +17,16 @@ reaper every 30 s). With `acl` it enforces tokens like an agent with `default_po
 an unknown one gets 403 "ACL not found", a registration or deregistration without
 service:write on the service's name 403 "Permission denied", and a health query without
 service:read gets the entries filtered out (X-Consul-Results-Filtered-By-ACLs), as Consul
-does. Anything else (other check kinds, TLS, KV, catalog, filters, more nodes) is
+does. A check with GRPCUseTLS runs over TLS, verifying the server's certificate against
+the agent's CA for TLSServerName (else the target's host), and presents the agent's
+client certificate: what Consul does with `enable_agent_tls_for_checks` and a cert/key/CA
+in its TLS settings (`tls_client`, read once at start like Consul's own, which reloads
+them only on `consul reload`); without them, no client certificate and the system's CAs.
+Anything else (other check kinds, HTTPS API, KV, catalog, filters, more nodes) is
 answered 400/404: a gap must fail loudly, not pass quietly.
 
     python -m tests.consul_standin --port 8500 [--token SECRET=SERVICE:write ...]
+                                   [--tls-ca F --tls-cert F --tls-key F]
                                                     (a process; port 0: a free one)
     with ConsulStandin(acl=...) as agent: agent.address    (a thread, in a test)
 """
@@ -41,6 +47,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Self
 
 import grpc
@@ -59,7 +66,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SERVICE_KEYS = {"name", "id", "tags", "address", "port", "meta", "check", "checks",
                  "enabletagoverride", "weights"}
-_CHECK_KEYS = {"grpc", "grpcusetls", "interval", "timeout", "deregistercriticalserviceafter",
+_CHECK_KEYS = {"grpc", "grpcusetls", "tlsservername", "interval", "timeout", "deregistercriticalserviceafter",
                "name", "checkid", "id", "status", "notes"}
 
 
@@ -131,6 +138,19 @@ def _normalized(body: dict[str, Any], allowed: set[str], what: str) -> dict[str,
     return out
 
 
+@dataclass(frozen=True)
+class TlsClient:
+    """The agent's TLS settings its checks use: CA bundle, certificate and key (PEM)."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def from_files(cls, ca: str, cert: str, key: str) -> TlsClient:
+        return cls(*(Path(path).read_bytes() for path in (ca, cert, key)))
+
+
 @dataclass
 class Check:
     id: str
@@ -143,6 +163,9 @@ class Check:
     timeout_s: float
     deregister_after_s: float | None
     notes: str
+    use_tls: bool = False
+    tls_server_name: str = ""
+    tls_client: TlsClient | None = None
     status: str = "critical"
     output: str = ""
     create_index: int = 0
@@ -153,7 +176,7 @@ class Check:
     def probe(self) -> tuple[str, str]:
         """One grpc.health.v1 Check on a fresh connection, as Consul's gRPC check does."""
         where = f"{self.target}/{self.grpc_service}" if self.grpc_service else self.target
-        with grpc.insecure_channel(self.target) as channel:
+        with self._channel() as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=self.grpc_service), timeout=self.timeout_s)
@@ -163,6 +186,16 @@ class Check:
             return "passing", f"gRPC check {where}: success"
         name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         return "critical", f"gRPC {where} serving status: {name}"
+
+    def _channel(self) -> grpc.Channel:
+        if not self.use_tls:
+            return grpc.insecure_channel(self.target)
+        client = self.tls_client
+        credentials = (grpc.ssl_channel_credentials(client.ca, client.key, client.cert) if client
+                       else grpc.ssl_channel_credentials())
+        options = ([("grpc.ssl_target_name_override", self.tls_server_name)]
+                   if self.tls_server_name else [])
+        return grpc.secure_channel(self.target, credentials, options)
 
     def to_json(self, tags: list[str]) -> dict[str, Any]:
         return {
@@ -199,9 +232,11 @@ class Service:
 class Agent:
     """The agent's state: services, checks (each run by its own thread) and the index."""
 
-    def __init__(self, address: str = "127.0.0.1", acl: Acl | None = None) -> None:
+    def __init__(self, address: str = "127.0.0.1", acl: Acl | None = None,
+                 tls_client: TlsClient | None = None) -> None:
         self.address = address
         self.acl = acl
+        self.tls_client = tls_client
         self.changed = threading.Condition()
         self.index = 1
         self.service_index: dict[str, int] = {}
@@ -254,8 +289,8 @@ class Agent:
         spec = _normalized(raw, _CHECK_KEYS, "check")
         if "grpc" not in spec:
             raise BadRequest("the stand-in runs gRPC checks only (no HTTP, TCP, TTL or script)")
-        if spec.get("grpcusetls"):
-            raise BadRequest("the stand-in runs plaintext gRPC checks only")
+        if not isinstance(spec.get("grpcusetls", False), bool):
+            raise BadRequest("Request decode failed: GRPCUseTLS is not a boolean")
         if "interval" not in spec:
             raise BadRequest("Check is not valid: Interval must be > 0 for a gRPC check")
         interval = parse_duration(spec["interval"])
@@ -275,7 +310,8 @@ class Agent:
             timeout_s=parse_duration(spec["timeout"]) if spec.get("timeout") else DEFAULT_CHECK_TIMEOUT_S,
             deregister_after_s=(max(MIN_DEREGISTER_AFTER_S, parse_duration(deregister))
                                 if deregister else None),
-            notes=spec.get("notes") or "", status=status,
+            notes=spec.get("notes") or "", status=status, use_tls=spec.get("grpcusetls", False),
+            tls_server_name=spec.get("tlsservername") or "", tls_client=self.tls_client,
             critical_since=time.monotonic() if status == "critical" else None,
         )
 
@@ -514,8 +550,9 @@ class _Server(ThreadingHTTPServer):
 class ConsulStandin:
     """The stand-in agent on 127.0.0.1:<port> (0: a free one), served from a thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, acl: Acl | None = None) -> None:
-        self.agent = Agent(host, acl)
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, acl: Acl | None = None,
+                 tls_client: TlsClient | None = None) -> None:
+        self.agent = Agent(host, acl, tls_client)
         self.server = _Server((host, port), self.agent)
         self.host, self.port = self.server.server_address[:2]
         self._thread = threading.Thread(target=self.server.serve_forever, name="consul-standin",
@@ -549,14 +586,21 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8500, help="0 picks a free port (printed)")
     parser.add_argument("--token", action="append", default=[], metavar="SECRET=SERVICE:POLICY",
                         help="turn ACLs on (default deny) with this token (repeatable)")
+    parser.add_argument("--tls-ca", help="CA bundle the TLS checks verify servers against")
+    parser.add_argument("--tls-cert", help="client certificate the TLS checks present")
+    parser.add_argument("--tls-key", help="its private key")
     args = parser.parse_args()
+    tls_files = (args.tls_ca, args.tls_cert, args.tls_key)
+    if any(tls_files) and not all(tls_files):
+        parser.error("--tls-ca, --tls-cert and --tls-key go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tokens: dict[str, Token] = {}
     for number, spec in enumerate(args.token, 1):
         secret, _, rule = spec.partition("=")
         service, _, policy = rule.partition(":")
         tokens[secret] = Token(f"00000000-0000-0000-0000-{number:012d}", {service: policy})
-    standin = ConsulStandin(args.host, args.port, Acl(tokens) if tokens else None).start()
+    standin = ConsulStandin(args.host, args.port, Acl(tokens) if tokens else None,
+                            TlsClient.from_files(*tls_files) if all(tls_files) else None).start()
     print(f"consul stand-in listening on {standin.address}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

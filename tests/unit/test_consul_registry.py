@@ -1,6 +1,7 @@
 """Consul discovery end to end against the stand-in agent (tests/consul_standin.py):
 a real `aimesh serve text` process registers itself, the agent health-checks it over
-gRPC, ConsulDiscovery's blocking queries see it come and go."""
+gRPC, ConsulDiscovery's blocking queries see it come and go. Servers that serve mutual
+TLS are checked over TLS with the agent's client certificate."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ from aimesh_servers.registry.consul import (
     parse_http_addr,
     signature,
 )
+from aimesh_servers.mesh.certs import CONSUL_AGENT, CONTROL, MODEL_SERVER, CertSettings, CertStore
 from aimesh_servers.registry.discovery import SERVICE_NAME, Instance
+from aimesh_servers.runtime.tls import TlsFiles
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import consul
-from tests.consul_standin import Acl, ConsulStandin, Token
+from tests.consul_standin import Acl, ConsulStandin, TlsClient, Token
 from tests.servers import ServerProcess
 
 TEXT_SERVICE = "aimesh.text.v1.TextGenerationService"
@@ -198,8 +201,8 @@ def test_standin_answers_like_consul(agent):
         assert http.get(f"{base}/health/service/x", params={"index": "1", "wait": "soon"}).status_code == 400
         assert http.get(f"{base}/health/service/x", params={"tag": "a"}).status_code == 400
         assert http.put(f"{base}/agent/service/register", json={"ID": "x"}).text == "Missing service name"
-        no_tls = {"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "1s", "GRPCUseTLS": True}}
-        assert http.put(f"{base}/agent/service/register", json=no_tls).status_code == 400
+        bad_tls = {"Name": "x", "Check": {"GRPC": "127.0.0.1:1", "Interval": "1s", "GRPCUseTLS": "yes"}}
+        assert http.put(f"{base}/agent/service/register", json=bad_tls).status_code == 400
         assert http.get(f"{base}/agent/service/register").status_code == 405
         unknown = http.put(f"{base}/agent/service/deregister/nope")
         assert unknown.status_code == 404 and 'Unknown service ID "nope"' in unknown.text
@@ -330,3 +333,89 @@ async def test_a_server_registers_with_its_token_and_signature_from_the_environm
         server.stop()
         await mesh.stop()
         await other_mesh.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh_certs(tmp_path_factory) -> CertStore:
+    store = CertStore(tmp_path_factory.mktemp("certs"))
+    store.init(CertSettings())
+    return store
+
+
+@pytest.fixture
+async def tls_health_port(mesh_certs: CertStore) -> AsyncIterator[int]:
+    """A gRPC health server serving mutual TLS as a model server does (its certificate,
+    a client certificate from the mesh CA required), SERVING for the text service."""
+    tls = TlsFiles(mesh_certs.cert_path(MODEL_SERVER), mesh_certs.key_path(MODEL_SERVER),
+                   mesh_certs.bundle_path)
+    server = grpc.aio.server()
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_secure_port("127.0.0.1:0", tls.server_credentials())
+    await server.start()
+    await checker.set(TEXT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    yield port
+    await server.stop(0)
+
+
+def agent_tls(store: CertStore, identity: str = CONSUL_AGENT) -> TlsClient:
+    return TlsClient.from_files(str(store.bundle_path), str(store.cert_path(identity)),
+                                str(store.key_path(identity)))
+
+
+async def checked(agent: ConsulStandin, instance: Instance, tls: bool) -> dict[str, Any]:
+    """Registers `instance` and returns its check once the agent has run it at least once."""
+    await asyncio.to_thread(ConsulRegistrar(agent.address, tls=tls).register, instance)
+    deadline = time.monotonic() + 30
+    while True:
+        [entry] = registrations(agent)
+        [check] = [c for c in entry["Checks"] if c["ServiceID"]]
+        if check["Output"]:
+            return check
+        assert time.monotonic() < deadline, f"the check never ran: {check}"
+        await asyncio.sleep(0.05)
+
+
+async def test_tls_servers_get_tls_checks_that_present_the_agents_certificate(mesh_certs, tls_health_port,
+                                                                             tmp_path):
+    instance = Instance("m-p-1", "127.0.0.1", tls_health_port, "m", "p", "1", TEXT_SERVICE)
+    with ConsulStandin(tls_client=agent_tls(mesh_certs)) as agent:
+        check = await checked(agent, instance, tls=True)
+        assert check["Status"] == "passing", check["Output"]
+        discovery = Watcher(ConsulDiscovery(agent.address, wait_s=5))
+        try:
+            await discovery.until(lambda found: found == [instance], timeout=15)
+        finally:
+            await discovery.stop()
+        # A plaintext check of a TLS server fails, as it would in Consul.
+        plain = await checked(agent, instance, tls=False)
+        assert plain["Status"] == "critical", plain["Output"]
+
+    # The server refuses an agent without a client certificate, or with one from another CA.
+    other = CertStore(tmp_path / "other")
+    other.init(CertSettings())
+    foreign = TlsClient(mesh_certs.bundle_path.read_bytes(), other.cert_path(CONSUL_AGENT).read_bytes(),
+                        other.key_path(CONSUL_AGENT).read_bytes())
+    for client in (None, foreign):
+        with ConsulStandin(tls_client=client) as agent:
+            check = await checked(agent, instance, tls=True)
+            assert check["Status"] == "critical" and "UNAVAILABLE" in check["Output"], check["Output"]
+
+
+async def test_tls_checks_verify_the_server_name(mesh_certs):
+    """TLSServerName is checked: a server presenting the control certificate (no
+    `model-server` name) fails the model servers' TLS check."""
+    tls = TlsFiles(mesh_certs.cert_path(CONTROL), mesh_certs.key_path(CONTROL), mesh_certs.bundle_path)
+    server = grpc.aio.server()
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_secure_port("127.0.0.1:0", tls.server_credentials())
+    await server.start()
+    await checker.set(TEXT_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    try:
+        with ConsulStandin(tls_client=agent_tls(mesh_certs)) as agent:
+            instance = Instance("m-p-1", "127.0.0.1", port, "m", "p", "1", TEXT_SERVICE)
+            check = await checked(agent, instance, tls=True)
+            assert check["Status"] == "critical", check["Output"]
+    finally:
+        await server.stop(0)

@@ -10,6 +10,9 @@ A certificates folder holds:
                                          its client certificate for calls to control
                            control       the control server (registry, tenancy, usage ingest)
                            envoy         Envoy's client certificate for upstream calls
+                           consul-agent  the Consul agent's client certificate for its
+                                         gRPC health checks of the model servers (its key
+                                         is group-readable: the agent runs as another user)
                            front-door    only with --front-door-host: for `aimesh up
                                          --tls-cert/--tls-key` (read when Envoy starts)
     sds/*.yaml             Envoy's client certificate and the CA bundle as SDS resources
@@ -44,6 +47,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 MODEL_SERVER, CONTROL, ENVOY, FRONT_DOOR = "model-server", "control", "envoy", "front-door"
+# Its own identity rather than Envoy's: the agent's checks may only read health, and a
+# leaked agent key must not be usable as the front door's upstream identity.
+CONSUL_AGENT = "consul-agent"
 # Envoy's SDS secret names (one file each in sds/).
 ENVOY_CLIENT_SECRET, MESH_CA_SECRET = "envoy-client", "mesh-ca"
 # The compose services a model server or the control server is reached by.
@@ -73,6 +79,7 @@ def identities(settings: CertSettings) -> list[Identity]:
         Identity(MODEL_SERVER, (MODEL_SERVER, *loopback, *COMPOSE_HOSTS, *settings.hosts), True, True),
         Identity(CONTROL, (CONTROL, *loopback, "mesh", *settings.hosts), True, True),
         Identity(ENVOY, (ENVOY,), False, True),
+        Identity(CONSUL_AGENT, (CONSUL_AGENT,), False, True),
     ]
     if settings.front_door_hosts:
         out.append(Identity(FRONT_DOOR, tuple(settings.front_door_hosts), True, False))
@@ -83,10 +90,11 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> None:
+def _write(path: Path, data: bytes, private: bool = False, mode: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    mode = mode if mode is not None else 0o600 if private else 0o644
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     os.replace(tmp, path)
@@ -220,7 +228,9 @@ class CertStore:
         ca, ca_key = self.ca()
         for identity in identities(settings):
             cert, key = issue(identity, ca, ca_key, settings.leaf_hours)
-            _write(self.key_path(identity.name), _key_pem(key), private=True)
+            # The Consul image runs its agent as its own user: it reads the key as a group member.
+            _write(self.key_path(identity.name), _key_pem(key),
+                   mode=0o640 if identity.name == CONSUL_AGENT else 0o600)
             _write(self.cert_path(identity.name), _cert_pem(cert))
         self._write_leaf_sds()
 
@@ -233,7 +243,8 @@ class CertStore:
     def finish_ca_rollover(self) -> None:
         """Trust only the current CA (every leaf must have been re-issued by it)."""
         ca, key = self.ca()
-        stale = [i.name for i in identities(self.settings()) if self.leaf(i.name).issuer != ca.subject]
+        stale = [i.name for i in identities(self.settings())
+                 if not self.cert_path(i.name).exists() or self.leaf(i.name).issuer != ca.subject]
         if stale:
             raise ValueError(f"leaves not yet issued by the new CA: {stale}; run `aimesh certs rotate` first")
         self._write_ca(ca, key, [ca])
@@ -269,6 +280,9 @@ def _describe(store: CertStore) -> str:
         lines.append(f"  trusts CA  {ca.subject.rfc4514_string()} serial {ca.serial_number:x} "
                      f"until {ca.not_valid_after_utc:%Y-%m-%d}")
     for identity in identities(store.settings()):
+        if not store.cert_path(identity.name).exists():  # a folder made before the identity was
+            lines.append(f"  {identity.name:<13} none yet: `aimesh certs rotate` issues it")
+            continue
         cert = store.leaf(identity.name)
         lines.append(f"  {identity.name:<13} serial {cert.serial_number:x} until "
                      f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
