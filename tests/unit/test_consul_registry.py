@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from aimesh_servers.mesh.certs import CONSUL_AGENT, CONTROL, MODEL_SERVER, CertSettings, CertStore
 from aimesh_servers.registry.consul import (
     SIGNATURE_META,
     ConsulDiscovery,
@@ -23,7 +24,6 @@ from aimesh_servers.registry.consul import (
     parse_http_addr,
     signature,
 )
-from aimesh_servers.mesh.certs import CONSUL_AGENT, CONTROL, MODEL_SERVER, CertSettings, CertStore
 from aimesh_servers.registry.discovery import SERVICE_NAME, Instance
 from aimesh_servers.runtime.tls import TlsFiles
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc

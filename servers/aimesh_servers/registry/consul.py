@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import consul
 import consul.aio
 import requests
+
+import consul
 
 from ..mesh.certs import MODEL_SERVER
 from .discovery import SERVICE_NAME, Instance
