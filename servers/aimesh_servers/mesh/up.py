@@ -38,7 +38,7 @@ from ..tenancy.bootstrap import LocalAccess
 from ..tenancy.plane import TenancyPlane, TenancySettings, load_issuers
 from . import envoy_process
 from .access import MeshAccess
-from .certs import CONTROL, MODEL_SERVER, CertStore, ensure
+from .certs import CONSUL_AGENT, CONTROL, MODEL_SERVER, CertStore, ensure
 from .children import terminate_with_parent
 from .controller import EndpointController
 from .envoy_config import MeshSpec
@@ -219,12 +219,12 @@ def _mesh_tls(args: argparse.Namespace, state: Path) -> tuple[CertStore | None, 
     front = (Path(args.tls_cert).resolve(), Path(args.tls_key).resolve()) if args.tls_cert else None
     if not args.mtls:
         return None, front
-    if args.consul:
-        # Consul's own gRPC health checks of the servers would need the agent's TLS client settings.
-        raise ValueError("--mtls with --consul is not supported yet")
     store = ensure(Path(args.certs_dir or state / "certs").resolve())
     say(f"mutual TLS inside the mesh: certificates in {store.root} "
         f"(rotate: aimesh certs rotate --dir {store.root})")
+    if args.consul:  # servers register TLS checks: the agent needs a client certificate
+        say(f"Consul checks the servers over TLS: give the agent enable_agent_tls_for_checks and "
+            f"{store.cert_path(CONSUL_AGENT)} (consul/tls.hcl)")
     return store, front
 
 
