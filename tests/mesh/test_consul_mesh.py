@@ -1,7 +1,8 @@
 """A real mesh discovering through Consul (the stand-in agent, as a process): `aimesh up
 --consul` starts no model server (replicas 0); servers started on their own register
 with the agent, which health-checks them; Envoy routes to them within seconds, fails
-over when one is killed, and answers UNAVAILABLE once none is left."""
+over when one is killed, and answers UNAVAILABLE once none is left. With `--mtls` the
+servers register TLS checks, which the agent runs with its mesh client certificate."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Self
 
+import aimesh
 import httpx
 import pytest
+from aimesh_servers.mesh.certs import CONSUL_AGENT, MODEL_SERVER, CertSettings, CertStore
 
-import aimesh
 from tests.conftest import ROOT
 from tests.mesh.conftest import Mesh
 from tests.servers import ServerProcess
@@ -41,7 +43,11 @@ models:
 @pytest.fixture(scope="module")
 def consul_agent() -> Iterator[str]:
     """`python -m tests.consul_standin --port 0` as a process; yields its address."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.consul_standin", "--port", "0"], cwd=ROOT,
+    yield from _standin()
+
+
+def _standin(*args: str) -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.consul_standin", "--port", "0", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
@@ -145,7 +151,7 @@ def test_servers_registered_in_consul_are_routed_and_failed_over(consul_agent, t
             # Known gap (README): calls made right after the kill may fail fast (UNAVAILABLE)
             # until Envoy stops choosing the dead host; then every call reaches the backup.
             pools = []
-            while not pools[-2:] == ["backup", "backup"]:
+            while pools[-2:] != ["backup", "backup"]:
                 assert time.monotonic() - killed < 30, f"never failed over: {pools}"
                 pools.append(served_pool(client))
             assert set(pools) <= {"backup", "UNAVAILABLE"}, pools
@@ -169,3 +175,69 @@ def test_servers_registered_in_consul_are_routed_and_failed_over(consul_agent, t
             server.terminate(signal.SIGKILL)  # the drain itself is covered by the unit tests
             server.stop()
         assert mesh.stop() == 0, mesh.output
+
+
+def test_mtls_mesh_with_consul_checks_servers_over_tls(tmp_path: Path):
+    """`aimesh up --consul --mtls --certs-dir`: the folder every host shares (a volume in
+    compose). A server with the mesh's certificate registers a TLS check that the agent
+    passes with its consul-agent certificate, and Envoy reaches it over mutual TLS; one
+    with a certificate from another CA fails the agent's check and is never routed."""
+    certs = CertStore(tmp_path / "certs")
+    certs.init(CertSettings())
+    foreign = CertStore(tmp_path / "foreign")
+    foreign.init(CertSettings())
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(REGISTRY)
+    agent_tls = ["--tls-ca", str(certs.bundle_path), "--tls-cert", str(certs.cert_path(CONSUL_AGENT)),
+                 "--tls-key", str(certs.key_path(CONSUL_AGENT))]
+    standin = _standin(*agent_tls)
+    consul_agent = next(standin)
+    mesh = Mesh(tmp_path / "mesh", registry, extra_args=["--consul", consul_agent, "--mtls",
+                                                         "--certs-dir", str(certs.root)])
+
+    def server_env(store: CertStore) -> dict[str, str]:
+        return {"AIMESH_CONSUL_HTTP_ADDR": consul_agent, "AIMESH_TLS_CERT": str(store.cert_path(MODEL_SERVER)),
+                "AIMESH_TLS_KEY": str(store.key_path(MODEL_SERVER)), "AIMESH_TLS_CA": str(store.bundle_path)}
+
+    servers: list[ServerProcess] = []
+    try:
+        mesh.wait_ready(120)
+        assert "Consul checks the servers over TLS" in mesh.output
+        servers = [ServerProcess(["serve", "text", "--pool", "primary"], env=server_env(certs)),
+                   ServerProcess(["serve", "text", "--pool", "backup"], env=server_env(foreign))]
+        ours, theirs = servers
+        ports = [s.wait_listening() for s in servers]
+        for server in servers:
+            server.wait_serving()
+        with aimesh.Client(mesh.front, timeout=60) as client, RouteWatch(mesh) as envoy:
+            envoy.when(lambda known, routed: ports[0] in routed, since=0)
+            deadline = time.monotonic() + 60
+            while (pool := served_pool(client)) != "primary":
+                assert time.monotonic() < deadline, f"calls never reached the TLS server: {pool}"
+
+            # Both serve SERVING; only ours passes the agent's TLS check.
+            checks: dict[int, dict] = {}
+            deadline = time.monotonic() + 60
+            while len(checks) < 2 or not all(c["Output"] for c in checks.values()):
+                assert time.monotonic() < deadline, f"the agent never checked both: {checks}"
+                entries = httpx.get(f"http://{consul_agent}/v1/health/service/aimesh-model-server",
+                                    timeout=5).json()
+                checks = {e["Service"]["Port"]: next(c for c in e["Checks"] if c["ServiceID"])
+                          for e in entries}
+            assert checks[ports[0]]["Status"] == "passing", checks[ports[0]]["Output"]
+            assert checks[ports[1]]["Status"] == "critical", checks[ports[1]]["Output"]
+            assert ports[1] not in envoy.history[-1][1], "a server outside the mesh CA was routed"
+            passing = httpx.get(f"http://{consul_agent}/v1/health/service/aimesh-model-server",
+                                params={"passing": ""}, timeout=5).json()
+            assert [e["Service"]["Port"] for e in passing] == [ports[0]]
+            ours.terminate(signal.SIGTERM)  # deregisters: no server left for the model
+            envoy.when(lambda known, routed: not known, since=time.monotonic())
+            assert theirs.proc.poll() is None
+    finally:
+        for server in servers:
+            server.terminate(signal.SIGKILL)
+            server.stop()
+        try:
+            assert mesh.stop() == 0, mesh.output
+        finally:
+            standin.close()
