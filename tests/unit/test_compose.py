@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,14 @@ def test_every_registered_model_has_a_server_that_registers_with_consul(compose)
                 "AIMESH_PORT": "50051", "AIMESH_POOL": pool.id, "AIMESH_ADVERTISE_HOST": name,
                 "AIMESH_METRICS_PORT": "9100", "AIMESH_OTLP_ENDPOINT": "jaeger:4317",
                 "AIMESH_CONSUL_TOKEN": _from_env_file("AIMESH_CONSUL_SERVER_TOKEN"),
-                "AIMESH_MESH_SECRET": _from_env_file("AIMESH_MESH_SECRET")}
-            # Registers once the ACL set-up made its token.
+                "AIMESH_MESH_SECRET": _from_env_file("AIMESH_MESH_SECRET"),
+                "AIMESH_TLS_CERT": "/certs/model-server/cert.pem",
+                "AIMESH_TLS_KEY": "/certs/model-server/key.pem", "AIMESH_TLS_CA": "/certs/ca-bundle.pem"}
+            # Registers once the ACL set-up made its token, serves with the certificates made.
             assert server["depends_on"]["consul-acl"]["condition"] == "service_completed_successfully"
-            assert "model-cache:/cache" in server["volumes"] and server["healthcheck"]["test"]
+            assert server["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+            assert {"model-cache:/cache", "certs:/certs:ro"} <= set(server["volumes"])
+            assert "ssl_channel_credentials" in server["healthcheck"]["test"][3]  # checked over mTLS
 
 
 def test_mesh_discovers_through_consul_and_stateful_services_are_checked(compose):
@@ -80,6 +85,8 @@ def test_mesh_discovers_through_consul_and_stateful_services_are_checked(compose
     mesh = services["mesh"]
     command = " ".join(mesh["command"])
     assert "aimesh up --consul consul:8500 --listen 0.0.0.0" in command
+    assert "--mtls --certs-dir /certs" in command and "certs:/certs:ro" in mesh["volumes"]
+    assert mesh["depends_on"]["certs"] == {"condition": "service_completed_successfully"}
     assert "./deploy/registry.yaml:/etc/aimesh/registry.yaml:ro" in mesh["volumes"]
     assert "--registry /etc/aimesh/registry.yaml" in command
     assert mesh["build"]["dockerfile"] == "deploy/Dockerfile" and mesh["ports"] == ["8080:8080"]
@@ -249,3 +256,60 @@ def test_dashboard_usage_queries_run_against_the_usage_table(tmp_path):
             plain = re.sub(r"\$__timeFilter\((\w+)\)", r"\1 >= '2000-01-01'", plain)
             assert "$__" not in plain, plain
             db.execute(sa.text(plain)).fetchall()
+
+
+# --- mutual TLS ------------------------------------------------------------------------
+
+def _certs_volume_path(path: str, certs: Path) -> Path:
+    return certs / Path(path).relative_to("/certs")
+
+
+def test_certs_service_makes_the_certificates_once(compose, tmp_path):
+    """The certs service's own command, run for real on a folder standing for the volume:
+    a CA and every certificate the first time, nothing touched the second."""
+    from aimesh_servers.mesh.certs import CertStore
+
+    service = compose["services"]["certs"]
+    assert service["volumes"] == ["certs:/certs"] and service["restart"] == "no"
+    script = service["command"][2].replace("/certs", str(tmp_path / "certs"))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def run_certs_service() -> bytes:
+        made = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=False,
+                              timeout=120, env=env)
+        assert made.returncode == 0, made.stdout + made.stderr
+        return CertStore(tmp_path / "certs").ca_path.read_bytes()
+
+    assert run_certs_service() == run_certs_service()
+
+
+def test_consul_checks_servers_with_its_own_mesh_certificate(compose, tmp_path):
+    from aimesh_servers.mesh.certs import CONSUL_AGENT, MODEL_SERVER, CertSettings, CertStore
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    consul = compose["services"]["consul"]
+    assert {"./consul/tls.hcl:/consul/config/tls.hcl:ro", "certs:/certs:ro"} <= set(consul["volumes"])
+    assert consul["depends_on"]["certs"] == {"condition": "service_completed_successfully"}
+    assert consul["environment"]["CONSUL_GID"] == "10001"  # reads its 0640 key as the aimesh group
+    assert "groupadd --gid 10001 aimesh" in (ROOT / "deploy" / "Dockerfile").read_text()
+    tls = (ROOT / "consul" / "tls.hcl").read_text()
+    assert re.search(r"^enable_agent_tls_for_checks\s*=\s*true", tls, re.MULTILINE)
+    files = dict(re.findall(r'(ca_file|cert_file|key_file)\s*=\s*"([^"]+)"', tls))
+    # Those paths are what `aimesh certs init` writes for the consul-agent identity.
+    store = CertStore(tmp_path / "certs")
+    store.init(CertSettings())
+    assert _certs_volume_path(files["ca_file"], store.root) == store.bundle_path
+    assert _certs_volume_path(files["cert_file"], store.root) == store.cert_path(CONSUL_AGENT)
+    assert _certs_volume_path(files["key_file"], store.root) == store.key_path(CONSUL_AGENT)
+    assert store.key_path(CONSUL_AGENT).stat().st_mode & 0o777 == 0o640
+    agent = store.leaf(CONSUL_AGENT)
+    assert list(agent.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]
+    # Every model server is checked at its compose name: the server certificate carries it.
+    names = store.leaf(MODEL_SERVER).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(_model_servers(compose["services"])) <= set(names.get_values_for_type(x509.DNSName))
+    # No private key is in the repository's deployment files: the CA key stays in the volume.
+    for folder in ("consul", "deploy"):
+        for path in (ROOT / folder).rglob("*"):
+            assert not path.is_file() or b"PRIVATE KEY" not in path.read_bytes(), path
