@@ -325,10 +325,11 @@ async def test_ct2_greedy_answer_is_right_and_stable(ct2_served):
     assert second == first.text
     short = await client.text.generate("smollm2-135m", QUESTION, max_tokens=3)
     assert short.finish_reason == pb.FINISH_REASON_LENGTH and short.usage.completion_tokens == 3
-    stopped = await client.text.generate("smollm2-135m", [("user", "Count from 1 to 10, one number per line.")],
-                                         max_tokens=60, stop=["5"])
+    # The stop sequence is taken from the engine's own answer: int8 kernels differ between
+    # CPUs, so another prompt's wording is not the same on every machine.
+    stopped = await client.text.generate("smollm2-135m", QUESTION, max_tokens=24, stop=["Paris"])
     assert stopped.finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
-    assert "4" in stopped.text and "5" not in stopped.text
+    assert stopped.text == first.text[:first.text.index("Paris")]
 
 
 async def test_ct2_a_cancelled_stream_frees_its_slot_while_the_others_keep_streaming(ct2_served):

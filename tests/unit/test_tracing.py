@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import aimesh
+import grpc
 import pytest
+from aimesh.client.tracing import traced
 from aimesh_servers import embedding
 from aimesh_servers.runtime import tracing
 from opentelemetry import trace
@@ -91,3 +93,16 @@ async def test_a_queued_call_has_an_admission_span_and_a_cancelled_stream_a_canc
     assert hog_call.attributes["aimesh.finish_reason"] == "cancelled"
     diffusion = next(s for s in spans if s.parent_id == hog_call.span_id and s.name == "image.diffusion")
     assert diffusion.attributes["aimesh.cancelled"] is True
+
+
+class _PassThrough(grpc.UnaryUnaryClientInterceptor):
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(client_call_details, request)
+
+
+def test_the_sdk_names_the_client_span_of_a_call_behind_a_client_interceptor(receiver: OtlpReceiver):
+    """grpc.intercept_channel keeps the method name as str, plain stubs as bytes."""
+    with caller_tracing(receiver.endpoint), grpc.insecure_channel("127.0.0.1:1") as channel:
+        method = grpc.intercept_channel(channel, _PassThrough()).unary_unary("/aimesh.test.v1.Svc/Call")
+        with traced(method) as metadata:
+            assert [key for key, _ in metadata] == ["traceparent"]

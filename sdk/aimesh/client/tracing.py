@@ -37,8 +37,10 @@ def traced(method: Any) -> Iterator[list[tuple[str, str]]]:
                                                               trace.ProxyTracerProvider):
         yield []  # no provider set and no span active: nothing to send
         return
-    # grpc-python keeps a multicallable's full method name here (sync and asyncio stubs).
-    full = getattr(method, "_method", b"").decode().lstrip("/")
+    # grpc-python keeps a multicallable's full method name here: bytes in plain sync and
+    # asyncio stubs, str behind a client interceptor (grpc.intercept_channel).
+    full = getattr(method, "_method", b"")
+    full = (full.decode() if isinstance(full, bytes) else str(full)).lstrip("/")
     service, _, name = full.partition("/")
     span = trace.get_tracer(_TRACER_NAME).start_span(full or "aimesh", kind=SpanKind.CLIENT, attributes={
         "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
