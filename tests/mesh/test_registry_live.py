@@ -56,27 +56,35 @@ def test_calls_latency_and_cost_of_the_pool_that_served(mesh: Mesh):
         before = client.registry.get_model("emb")
         assert before.live.window.seconds == 300
         assert before.live.calls == 0 and not before.live.HasField("latency_p95")
-        served = {client.embedding.embed("emb", [f"call {i}"]).served_by.pool for i in range(CALLS)}
-        assert served == {"primary"}
+        # Right after start Envoy has now and then sent the first calls on to the second
+        # pool although both showed healthy (seen in CI): count them, don't assume none.
+        served = [client.embedding.embed("emb", ["warm-up"]).served_by.pool]
+        poll(lambda: served[-1] == "primary" or served.append(
+            client.embedding.embed("emb", ["warm-up"]).served_by.pool), "a call served by the primary pool")
+        on_secondary = served.count("secondary")
+        served += [client.embedding.embed("emb", [f"call {i}"]).served_by.pool for i in range(CALLS)]
+        assert served[-CALLS:] == ["primary"] * CALLS
+        total = len(served)
 
         def counted() -> pb.Model | None:
             model = client.registry.get_model("emb")
-            return model if pools(model)["primary"].live.cost_usd > 0 and model.live.calls == CALLS else None
+            return model if pools(model)["primary"].live.cost_usd > 0 and model.live.calls == total else None
 
-        model = poll(counted, f"GetModel: {CALLS} calls of pool primary, with their cost")
+        model = poll(counted, f"GetModel: {total} calls, {CALLS + 1} of pool primary, with their cost")
         primary, secondary = pools(model)["primary"].live, pools(model)["secondary"].live
-        assert primary.calls == CALLS and secondary.calls == 0
+        assert primary.calls == CALLS + 1 and secondary.calls == on_secondary
         assert primary.latency_p95.ToNanoseconds() > 0
         assert 0 < primary.latency_p50.ToNanoseconds() <= primary.latency_p95.ToNanoseconds()
-        assert primary.error_rate == 0 and primary.fallback_rate == 0 and model.live.fallback_rate == 0
-        assert model.live.cost_usd == pytest.approx(primary.cost_usd)
+        assert primary.error_rate == 0 and primary.fallback_rate == 0
+        assert model.live.fallback_rate == pytest.approx(on_secondary / total)
+        assert model.live.cost_usd == pytest.approx(primary.cost_usd + secondary.cost_usd)
         listed = {m.id: m for m in client.registry.list_models()}["emb"]
-        assert pools(listed)["primary"].live.calls == CALLS
+        assert pools(listed)["primary"].live.calls == CALLS + 1
 
     # The same figures over HTTP/JSON through Envoy.
     body = httpx.get(f"http://{mesh.front}/v1/models/emb", timeout=10).json()["model"]
     by_pool = {pool["id"]: pool for pool in body["pools"]}
-    assert int(by_pool["primary"]["live"]["calls"]) == CALLS
+    assert int(by_pool["primary"]["live"]["calls"]) == CALLS + 1
     assert by_pool["primary"]["live"]["latency_p95"].endswith("s")
 
 
@@ -100,4 +108,4 @@ def test_a_fallback_shows_in_the_fallback_rate(mesh: Mesh):
         model = poll(fell_back, "GetModel: a fallback rate above 0")
         secondary = pools(model)["secondary"].live
         assert secondary.calls >= 1 and secondary.fallback_rate == 1.0
-        assert model.live.calls > CALLS
+        assert model.live.calls > CALLS + 1
